@@ -43,8 +43,9 @@ def reference_attention(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     mask = head_masks(pattern, n, q.shape[1], q.device)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
+    # A row that sees no key (e.g. a standalone summary part in block 0) attends to nothing: output 0, no NaN.
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).masked_fill(~mask, 0.0)
+    return torch.matmul(probs, v.float()).to(q.dtype)
 
 
 def split_head_groups(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale):

@@ -29,7 +29,7 @@ Per-head patterns: a pattern whose heads differ has ``head_groups = G > 1``; its
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import reduce
 
 import torch
@@ -311,6 +311,10 @@ class HeadSplit(Pattern):
         p = len(self.patterns)
         sub = self.patterns[group % p]
         return sub.head_group((group // p) % sub.head_groups)
+
+    def parts(self) -> tuple[Pattern, ...]:
+        # A HeadSplit whose heads all share one mask (e.g. of a single uniform pattern) is that pattern.
+        return self.head_group(0).parts() if self.head_groups == 1 else (self,)
 
 
 @dataclass(frozen=True)
