@@ -1,0 +1,227 @@
+"""The ``triton`` backend: fused flash-style forward and backward kernels for every Sparse Transformer pattern.
+
+``triton_attention(q, k, v, pattern, scale)`` validates its inputs (raising ``ValueError`` before any launch),
+looks up the cached launch plan of the pattern (:mod:`.block_tables`) and runs the kernels of
+:mod:`.triton_kernels` under an autograd function. Triton is imported only when a kernel is about to run, so
+``import lightning_sparse`` works without it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .attention import check_inputs
+from .block_tables import BAND_LOCAL, Launch, head_tables, launch_plan
+from .patterns import Pattern
+
+HEAD_DIMS = (32, 64, 128)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+# Tile overrides for tests and tuning sweeps: keys "fwd" -> (BM, BN, warps, stages) and
+# "bwd" -> (BM1, BN1, BM2, BN2, warps, stages), optionally narrowed to a layout ("fwd:local", "bwd:strided", …:
+# "local" is a natural-layout launch of a Local band alone) and a head dim ("fwd:strided:d128").
+TUNING: dict[str, tuple[int, ...]] = {}
+
+_KERNELS: Any = None
+
+
+def _kernels() -> Any:
+    """Import the Triton kernels once; say what to install when Triton is missing."""
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            from . import triton_kernels
+        except ImportError as err:  # triton absent or broken
+            raise ImportError(
+                "backend='triton' needs the Triton compiler: `pip install triton` (Linux, CUDA GPU), or use "
+                f"backend='torch'. Importing it failed with: {err}"
+            ) from err
+        _KERNELS = triton_kernels
+    return _KERNELS
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float | None) -> float:
+    check_inputs(q, k, v, pattern)
+    d = q.shape[-1]
+    if d not in HEAD_DIMS:
+        raise ValueError(
+            f"backend='triton' supports head_dim in {HEAD_DIMS}, got head_dim={d}; pad the head dimension to one of "
+            f"them or use backend='torch'."
+        )
+    if q.dtype not in DTYPES:
+        raise ValueError(
+            f"backend='triton' supports dtypes bfloat16, float16 and float32, got {q.dtype}; cast the inputs "
+            f"(e.g. q.to(torch.bfloat16)) or use backend='torch'."
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}.")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(
+            f"backend='triton' runs on CUDA tensors, got tensors on {q.device}; move them with .cuda(), use "
+            f"backend='torch', or set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU."
+        )
+    if q.numel() == 0:
+        raise ValueError(f"q, k, v must not be empty, got shape {tuple(q.shape)}.")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        reach = (t.shape[2] - 1) * abs(t.stride(2)) + (t.shape[3] - 1) * abs(t.stride(3))
+        if reach >= 2**31:
+            raise ValueError(
+                f"{name} spans {reach} elements within one (batch, head): more than the kernels' 32-bit row "
+                f"offsets allow (2^31); make it contiguous as [batch, heads, n, head_dim] or shorten the sequence."
+            )
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}; the default is 1/sqrt(head_dim).")
+    return float(scale)
+
+
+def _pow2_at_most(x: int, cap: int, floor: int = 16) -> int:
+    return max(floor, min(cap, 1 << max(0, (x - 1).bit_length())))
+
+
+def _layout(launch: Launch) -> str:
+    if launch.stride > 1:
+        return "strided"
+    return "local" if launch.band == BAND_LOCAL and launch.summary == 0 else "natural"
+
+
+def _config(kind: str, launch: Launch, d: int, dtype: torch.dtype, n_eff: int) -> tuple[int, ...]:
+    """Tile sizes, warps and pipeline stages for one launch ('fwd' or 'bwd').
+
+    Defaults come from the sweep of benchmarks/attention.py on an H200 (notes in /work/notes/triton.md): a local
+    band wastes (BM + width) / width of its work, so it takes 64-row query tiles; strided-layout sequences are
+    short (n / stride rows), so their tiles shrink to the sequence.
+    """
+    layout = _layout(launch)
+    for key in (f"{kind}:{layout}:d{d}", f"{kind}:{layout}", kind):
+        if key in TUNING:
+            *tiles, warps, stages = TUNING[key]
+            return (*(_pow2_at_most(n_eff, t) for t in tiles), warps, stages)
+    f32 = dtype == torch.float32
+    if kind == "fwd":
+        if f32:
+            bm, bn, warps, stages = 64, 32, 4, 2
+        elif d > 64:
+            bm, bn, warps, stages = 64, 64, 4, 3
+        else:
+            bm, bn, warps, stages = (64, 32, 4, 3) if layout == "local" else (128, 64, 4, 3)
+        return _pow2_at_most(n_eff, bm), _pow2_at_most(n_eff, bn), warps, stages
+    stages = 2
+    if f32:
+        tiles = (32, 32, 32, 32)
+    elif d <= 64 and layout == "strided":
+        tiles = (64, 64, 64, 64)
+    else:
+        tiles = (32, 64, 64, 32)
+        stages = 3 if d <= 64 and layout == "natural" else 2
+    bm1, bn1, bm2, bn2 = (_pow2_at_most(n_eff, x) for x in tiles)
+    return bm1, bn1, bm2, bn2, 4, stages
+
+
+def _f32_dots(dtype: torch.dtype) -> bool:
+    # float32 inputs get exact float32 products; the CPU interpreter's bf16 dot is wrong, so it upcasts too
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreting())
+
+
+def _summary_tiles(launch: Launch, n: int, bn: int) -> int:
+    if launch.summary == 0:
+        return 0
+    sl, sc = launch.summary_stride, launch.summary_size
+    most = max((n // sl) * sc + min(max(n % sl - s, 0), sc) for s in launch.starts)
+    return -(-most // bn)
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: tuple[Launch, ...], scale: float):
+    kern = _kernels()
+    b, h, n, d = q.shape
+    out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+    qk_scale = scale * 1.4426950408889634  # log2(e): the kernels use exp2
+    f32 = _f32_dots(q.dtype)
+    for launch in plan:
+        heads, starts = head_tables(launch, q.device)
+        groups = min(launch.stride, n)  # residue classes past n are empty; each class below n has one row then
+        n_eff = -(-n // groups)
+        bm, bn, warps, stages = _config("fwd", launch, d, q.dtype, n_eff)
+        grid = (-(-n_eff // bm) * groups, b * len(launch.heads))
+        kern._fwd_kernel[grid](
+            q, k, v, out, lse, heads, starts,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            n, h, len(launch.heads), groups, qk_scale, launch.width, launch.summary_stride, launch.summary_size,
+            BAND=launch.band, OFF=launch.offset, SUMMARY=launch.summary, MERGE=launch.merge,
+            D=d, BM=bm, BN=bn, F32=f32, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+    return out, lse
+
+
+def _backward(q, k, v, out, lse, do, plan: tuple[Launch, ...], scale: float):
+    kern = _kernels()
+    b, h, n, d = q.shape
+    delta = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+    kern._delta_kernel[(-(-n // 64), b * h)](
+        out, do, delta, *out.stride(), *do.stride(), n, h, D=d, BM=64, num_warps=4
+    )
+    grads = torch.empty((3, b, h, n, d), dtype=q.dtype, device=q.device)
+    dq, dk, dv = grads[0], grads[1], grads[2]
+    qk_scale = scale * 1.4426950408889634
+    f32 = _f32_dots(q.dtype)
+    for launch in plan:
+        heads, starts = head_tables(launch, q.device)
+        groups = min(launch.stride, n)
+        n_eff = -(-n // groups)
+        bm1, bn1, bm2, bn2, warps, stages = _config("bwd", launch, d, q.dtype, n_eff)
+        nkb = -(-n_eff // bn1)
+        nks = _summary_tiles(launch, n, bn1)
+        nq = -(-n_eff // bm2)
+        grid = ((nkb + nks + nq) * groups, b * len(launch.heads))
+        kern._bwd_kernel[grid](
+            q, k, v, do, dq, dk, dv, lse, delta, heads, starts,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            n, h, len(launch.heads), groups, qk_scale, scale, launch.width, launch.summary_stride,
+            launch.summary_size, nks,
+            BAND=launch.band, OFF=launch.offset, SUMMARY=launch.summary, MERGE=launch.merge,
+            D=d, BM1=bm1, BN1=bn1, BM2=bm2, BN2=bn2, F32=f32, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+    return dq, dk, dv
+
+
+class _TritonSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan, scale):  # type: ignore[override]
+        out, lse = _forward(q, k, v, plan, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan = plan
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, do):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, out, lse, do, ctx.plan, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def triton_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float | None = None
+) -> torch.Tensor:
+    """Sparse causal attention of ``pattern`` with the fused Triton kernels; differentiable in q, k, v.
+
+    Inputs are ``[batch, heads, n, head_dim]`` (any strides) with head_dim 32, 64 or 128 and dtype bfloat16,
+    float16 or float32, on CUDA (or on the CPU under ``TRITON_INTERPRET=1``). ``scale`` defaults to
+    ``1/sqrt(head_dim)``. Rows that see no key (possible only for standalone parts such as ``FixedSummary``)
+    give zeros.
+    """
+    scale = _validate(q, k, v, pattern, scale)
+    plan = launch_plan(pattern, q.shape[1])
+    _kernels()
+    return _TritonSparseAttention.apply(q, k, v, plan, scale)
