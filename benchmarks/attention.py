@@ -150,19 +150,22 @@ def measure(rows, name, pattern, n, d, b, h, inputs, f, useful_nnz):
 
 
 SWEEP = {
-    # (head_dim, launch layout) -> candidate tiles; the first of each list is the library default
-    (64, "fwd:local"): [(64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
-    (64, "fwd:strided"): [(128, 64, 4, 3), (64, 64, 4, 3)],
-    (64, "fwd:natural"): [(128, 64, 4, 3), (128, 64, 4, 2), (64, 64, 4, 3)],
-    (64, "bwd:local"): [(32, 64, 64, 32, 4, 2), (32, 64, 64, 32, 4, 3), (32, 32, 32, 32, 4, 2)],
-    (64, "bwd:strided"): [(64, 64, 64, 64, 4, 2), (32, 64, 64, 32, 4, 2)],
-    (64, "bwd:natural"): [(32, 64, 64, 32, 4, 2), (32, 64, 64, 32, 4, 3)],
-    (128, "fwd:local"): [(128, 64, 8, 3), (64, 64, 4, 3)],
-    (128, "fwd:strided"): [(128, 64, 8, 3), (64, 64, 4, 3)],
-    (128, "fwd:natural"): [(128, 64, 8, 3), (64, 64, 4, 3)],
-    (128, "bwd:local"): [(32, 64, 64, 32, 4, 2), (64, 64, 64, 64, 8, 2)],
-    (128, "bwd:strided"): [(32, 64, 64, 32, 4, 2), (64, 64, 64, 64, 8, 2)],
-    (128, "bwd:natural"): [(32, 64, 64, 32, 4, 2), (64, 64, 64, 64, 8, 2)],
+    # (head_dim, launch layout) -> candidate configs (see triton_backend.TUNING: fwd (BM, BN, warps, stages, maxnreg),
+    # bwd (BM1, BN1, BM2, BN2, warps, stages, maxnreg, fused)); the first of each list is the library default
+    (64, "fwd:local"): [(64, 32, 4, 3, 0), (64, 64, 4, 3, 128), (128, 64, 8, 3, 128), (64, 32, 4, 2, 0)],
+    (64, "fwd:strided"): [(64, 32, 4, 3, 0), (128, 64, 4, 3, 0), (128, 64, 8, 3, 128), (64, 64, 4, 2, 128)],
+    (64, "fwd:natural"): [(128, 64, 8, 3, 128), (128, 64, 4, 3, 0), (64, 64, 4, 3, 128), (128, 64, 8, 4, 128)],
+    (64, "bwd:local"): [(32, 64, 64, 32, 4, 2, 168, 1), (32, 64, 64, 32, 4, 2, 0, 0), (32, 64, 64, 32, 4, 2, 128, 1),
+                        (32, 64, 64, 32, 4, 3, 168, 1)],
+    (64, "bwd:strided"): [(32, 64, 64, 32, 4, 2, 168, 1), (64, 64, 64, 64, 4, 2, 0, 0), (32, 64, 64, 32, 4, 2, 128, 1),
+                          (64, 64, 64, 64, 4, 2, 168, 1)],
+    (64, "bwd:natural"): [(32, 128, 128, 32, 8, 3, 128, 0), (32, 64, 64, 32, 4, 3, 0, 0), (32, 64, 64, 32, 4, 2, 128, 0)],
+    (128, "fwd:local"): [(64, 64, 4, 3, 0), (128, 64, 8, 3, 0)],
+    (128, "fwd:strided"): [(64, 64, 4, 3, 0), (128, 64, 8, 3, 0)],
+    (128, "fwd:natural"): [(64, 64, 4, 3, 0), (128, 64, 8, 3, 0)],
+    (128, "bwd:local"): [(32, 64, 64, 32, 4, 2, 0, 0), (32, 64, 64, 32, 4, 2, 0, 1)],
+    (128, "bwd:strided"): [(32, 64, 64, 32, 4, 2, 0, 0), (32, 64, 64, 32, 4, 2, 0, 1)],
+    (128, "bwd:natural"): [(32, 64, 64, 32, 4, 2, 0, 0), (64, 64, 64, 64, 8, 2, 0, 0)],
 }
 
 
@@ -315,7 +318,7 @@ def print_tables(rows, scaling):
             print(f"fitted exponent of fwd+bwd time: n^{e:.2f} (target <= 1.6)")
 
 
-def plot(rows, scaling, path):
+def plot(rows, scaling, path, note: str = ""):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -337,7 +340,7 @@ def plot(rows, scaling, path):
         ax.loglog(ns, ts, "o-", label=label + fitted)
     ax.set_xlabel("sequence length n")
     ax.set_ylabel("forward+backward time (ms)")
-    ax.set_title("bf16, d=64, 8 heads; l = stride ≈ √n, fixed c = l/4")
+    ax.set_title("bf16, d=64, 8 heads; l = stride ≈ √n, fixed c = l/4" + (f"\n{note}" if note else ""), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

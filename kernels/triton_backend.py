@@ -20,9 +20,11 @@ from .patterns import Pattern
 HEAD_DIMS = (32, 64, 128)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-# Tile overrides for tests and tuning sweeps: keys "fwd" -> (BM, BN, warps, stages) and
-# "bwd" -> (BM1, BN1, BM2, BN2, warps, stages), optionally narrowed to a layout ("fwd:local", "bwd:strided", …:
-# "local" is a natural-layout launch of a Local band alone) and a head dim ("fwd:strided:d128").
+# Tile overrides for tests and tuning sweeps: keys "fwd" -> (BM, BN, warps, stages[, maxnreg]) and
+# "bwd" -> (BM1, BN1, BM2, BN2, warps, stages[, maxnreg[, fused]]), optionally narrowed to a layout ("fwd:local",
+# "bwd:strided", …: "local" is a natural-layout launch of a Local band alone) and a head dim ("fwd:strided:d128").
+# maxnreg 0 = the compiler's choice; fused 1 = band launches run one program per tile of BN1 rows for its dQ and
+# dK/dV (BM1, BN2 <= BN1), 0 = separate dK/dV and dQ programs.
 TUNING: dict[str, tuple[int, ...]] = {}
 
 _KERNELS: Any = None
@@ -95,42 +97,54 @@ def _layout(launch: Launch) -> str:
     return "local" if launch.band == BAND_LOCAL and launch.summary == 0 else "natural"
 
 
-def _config(kind: str, launch: Launch, d: int, dtype: torch.dtype, n_eff: int) -> tuple[int, ...]:
-    """Tile sizes, warps and pipeline stages for one launch ('fwd' or 'bwd').
+# 16-bit defaults per (kind, launch layout, head dim <= 64 or 128), from H200 sweeps (notes in /work/notes/triton.md):
+# fwd -> (BM, BN, warps, stages, maxnreg); bwd -> (BM1, BN1, BM2, BN2, warps, stages, maxnreg, fused). A local band
+# wastes (BM + width) / width of its work, so it takes 64-row query tiles; strided-layout sequences are short
+# (n / stride rows), so tiles are capped at the sequence. A register cap of 168 (128 at 8 warps) fits 3 (2) programs
+# per multiprocessor without spills (checked with the compiler's resource report); the fused band backward shares
+# each diagonal block between dQ and dK/dV.
+DEFAULTS: dict[tuple[str, str, int], tuple[int, ...]] = {
+    ("fwd", "local", 64): (64, 32, 4, 3, 0),
+    ("fwd", "strided", 64): (64, 32, 4, 3, 0),
+    ("fwd", "natural", 64): (128, 64, 8, 3, 128),
+    ("fwd", "local", 128): (64, 64, 4, 3, 0),
+    ("fwd", "strided", 128): (64, 64, 4, 3, 0),
+    ("fwd", "natural", 128): (64, 64, 4, 3, 0),
+    ("bwd", "local", 64): (32, 64, 64, 32, 4, 2, 168, 1),
+    ("bwd", "strided", 64): (32, 64, 64, 32, 4, 2, 168, 1),
+    ("bwd", "natural", 64): (32, 128, 128, 32, 8, 3, 128, 0),
+    ("bwd", "local", 128): (32, 64, 64, 32, 4, 2, 0, 0),
+    ("bwd", "strided", 128): (32, 64, 64, 32, 4, 2, 0, 0),
+    ("bwd", "natural", 128): (32, 64, 64, 32, 4, 2, 0, 0),
+}
+_F32_CONFIG = {"fwd": (64, 32, 4, 2, 0), "bwd": (32, 32, 32, 32, 4, 2, 0, 0)}
 
-    Defaults come from the sweep of benchmarks/attention.py on an H200 (notes in /work/notes/triton.md): a local
-    band wastes (BM + width) / width of its work, so it takes 64-row query tiles; strided-layout sequences are
-    short (n / stride rows), so their tiles shrink to the sequence.
+
+def _config(kind: str, launch: Launch, d: int, dtype: torch.dtype, n_eff: int) -> tuple[int, ...]:
+    """Tiles, warps, pipeline stages, register cap (0: none) and, for 'bwd', the fused flag of one launch.
+
+    Returns (BM, BN, warps, stages, maxnreg) for 'fwd' and (BM1, BN1, BM2, BN2, warps, stages, maxnreg, fused) for
+    'bwd': a ``TUNING`` override if one matches, else ``DEFAULTS`` (float32 inputs: one small-tile config). Tiles are
+    capped at the launch's sequence length ``n_eff``.
     """
     layout = _layout(launch)
-    for key in (f"{kind}:{layout}:d{d}", f"{kind}:{layout}", kind):
-        if key in TUNING:
-            *tiles, warps, stages = TUNING[key]
-            return (*(_pow2_at_most(n_eff, t) for t in tiles), warps, stages)
-    f32 = dtype == torch.float32
-    if kind == "fwd":
-        if f32:
-            bm, bn, warps, stages = 64, 32, 4, 2
-        elif d > 64:
-            bm, bn, warps, stages = 64, 64, 4, 3
-        else:
-            bm, bn, warps, stages = (64, 32, 4, 3) if layout == "local" else (128, 64, 4, 3)
-        return _pow2_at_most(n_eff, bm), _pow2_at_most(n_eff, bn), warps, stages
-    stages = 2
-    if f32:
-        tiles = (32, 32, 32, 32)
-    elif d <= 64 and layout == "strided":
-        tiles = (64, 64, 64, 64)
-    else:
-        tiles = (32, 64, 64, 32)
-        stages = 3 if d <= 64 and layout == "natural" else 2
-    bm1, bn1, bm2, bn2 = (_pow2_at_most(n_eff, x) for x in tiles)
-    return bm1, bn1, bm2, bn2, 4, stages
+    cfg = next((TUNING[k] for k in (f"{kind}:{layout}:d{d}", f"{kind}:{layout}", kind) if k in TUNING), None)
+    if cfg is None:
+        cfg = _F32_CONFIG[kind] if dtype == torch.float32 else DEFAULTS[(kind, layout, 64 if d <= 64 else 128)]
+    ntiles = 2 if kind == "fwd" else 4
+    tiles = tuple(_pow2_at_most(n_eff, t) for t in cfg[:ntiles])
+    warps, stages, maxnreg, fused = (*cfg[ntiles:], 0, 0)[:4]  # maxnreg and fused are optional in TUNING
+    return (*tiles, warps, stages, maxnreg) if kind == "fwd" else (*tiles, warps, stages, maxnreg, fused)
 
 
 def _f32_dots(dtype: torch.dtype) -> bool:
     # float32 inputs get exact float32 products; the CPU interpreter's bf16 dot is wrong, so it upcasts too
     return dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreting())
+
+
+def _reg_cap(maxnreg: int) -> dict[str, int]:
+    # a register cap lets more programs share a multiprocessor (Triton's `maxnreg` launch option)
+    return {"maxnreg": maxnreg} if maxnreg else {}
 
 
 def _summary_tiles(launch: Launch, n: int, bn: int) -> int:
@@ -152,14 +166,14 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: tuple[Laun
         heads, starts = head_tables(launch, q.device)
         groups = min(launch.stride, n)  # residue classes past n are empty; each class below n has one row then
         n_eff = -(-n // groups)
-        bm, bn, warps, stages = _config("fwd", launch, d, q.dtype, n_eff)
+        bm, bn, warps, stages, maxnreg = _config("fwd", launch, d, q.dtype, n_eff)
         grid = (-(-n_eff // bm) * groups, b * len(launch.heads))
         kern._fwd_kernel[grid](
             q, k, v, out, lse, heads, starts,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             n, h, len(launch.heads), groups, qk_scale, launch.width, launch.summary_stride, launch.summary_size,
             BAND=launch.band, OFF=launch.offset, SUMMARY=launch.summary, MERGE=launch.merge,
-            D=d, BM=bm, BN=bn, F32=f32, num_warps=warps, num_stages=stages,
+            D=d, BM=bm, BN=bn, F32=f32, num_warps=warps, num_stages=stages, **_reg_cap(maxnreg),
         )  # fmt: skip
     return out, lse
 
@@ -179,18 +193,23 @@ def _backward(q, k, v, out, lse, do, plan: tuple[Launch, ...], scale: float):
         heads, starts = head_tables(launch, q.device)
         groups = min(launch.stride, n)
         n_eff = -(-n // groups)
-        bm1, bn1, bm2, bn2, warps, stages = _config("bwd", launch, d, q.dtype, n_eff)
-        nkb = -(-n_eff // bn1)
+        bm1, bn1, bm2, bn2, warps, stages, maxnreg, fused = _config("bwd", launch, d, q.dtype, n_eff)
+        fused = bool(fused) and launch.summary == 0
         nks = _summary_tiles(launch, n, bn1)
-        nq = -(-n_eff // bm2)
-        grid = ((nkb + nks + nq) * groups, b * len(launch.heads))
+        if fused:  # one program per tile of bn1 rows; its loops step by tiles that divide bn1
+            bm1, bm2, bn2 = min(bm1, bn1), bn1, min(bn2, bn1)
+            programs = -(-n_eff // bn1)
+        else:
+            programs = -(-n_eff // bn1) + nks + -(-n_eff // bm2)
+        grid = (programs * groups, b * len(launch.heads))
         kern._bwd_kernel[grid](
             q, k, v, do, dq, dk, dv, lse, delta, heads, starts,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
             n, h, len(launch.heads), groups, qk_scale, scale, launch.width, launch.summary_stride,
             launch.summary_size, nks,
             BAND=launch.band, OFF=launch.offset, SUMMARY=launch.summary, MERGE=launch.merge,
-            D=d, BM1=bm1, BN1=bn1, BM2=bm2, BN2=bn2, F32=f32, num_warps=warps, num_stages=stages,
+            D=d, BM1=bm1, BN1=bn1, BM2=bm2, BN2=bn2, FUSED=fused, F32=f32, num_warps=warps, num_stages=stages,
+            **_reg_cap(maxnreg),
         )  # fmt: skip
     return dq, dk, dv
 

@@ -18,10 +18,12 @@ natural layout + strided band in the strided layout) runs one launch per layout;
 softmax from the earlier one's output and log-sum-exp (``MERGE``), which is the log-sum-exp merge of the parts.
 Scores use ``exp2`` with ``scale·log2(e)`` folded in; the saved LSE is in base 2.
 
-Backward: ``_delta_kernel`` computes ``delta = rowsum(dO·O)``, then one launch of ``_bwd_kernel`` whose programs
-split by id into band dK/dV (key-stationary), summary dK/dV (key-stationary over gathered key tiles) and dQ
-(query-stationary) programs. Every output row is written by exactly one program: deterministic, no atomics.
-With ``MERGE`` the results are added to the gradients the previous launch wrote.
+Backward: ``_delta_kernel`` computes ``delta = rowsum(dO·O)``, then one launch of ``_bwd_kernel`` per launch of
+the forward. With a summary part its programs split by id into band dK/dV (key-stationary), summary dK/dV
+(key-stationary over gathered key tiles) and dQ (query-stationary) programs. Band-only launches can instead run
+``FUSED``: one program per tile of rows computes the tile's dQ (earlier key tiles) and dK/dV (later query tiles) and
+the diagonal block once for both (``_bwd_tile``). Every output row is written by exactly one program:
+deterministic, no atomics. With ``MERGE`` the results are added to the gradients the previous launch wrote.
 """
 
 from __future__ import annotations
@@ -283,13 +285,72 @@ def _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, lsen, offs
 
 
 @triton.jit
+def _bwd_tile(Qb, Kb, Vb, DOb, DQ, DK, DV, gbase, LSEb, DELb, qn, sqd, kn, skd, vn, svd, don, sdod, gn, sgd,
+              groups, i0, n_eff, qk_scale, scale, width,
+              BAND: tl.constexpr, OFF: tl.constexpr, MERGE: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
+              BM1: tl.constexpr, BN2: tl.constexpr, F32: tl.constexpr):
+    """dQ of the BT queries and dK, dV of the BT keys of one tile of a band: the diagonal block is computed once
+    for both; dQ adds the band's earlier key tiles, dK/dV its later query tiles (BM1 and BN2 divide BT)."""
+    offs_m = i0 + tl.arange(0, BT)
+    offs_d = tl.arange(0, D)
+    rin = offs_m < n_eff
+    i_last = tl.minimum(i0 + BT, n_eff) - 1
+    q = tl.load(Qb + offs_m[:, None] * qn + offs_d[None, :] * sqd, mask=rin[:, None], other=0.0)
+    do = tl.load(DOb + offs_m[:, None] * don + offs_d[None, :] * sdod, mask=rin[:, None], other=0.0)
+    lse = tl.load(LSEb + offs_m * groups, mask=rin, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: p = 0
+    delta = tl.load(DELb + offs_m * groups, mask=rin, other=0.0)
+    # keys before the tile: a masked head where the band starts, then full tiles up to the tile
+    k_begin = (_band_first(i0, width, BAND) // BN2) * BN2
+    full_lo = tl.cdiv(_band_first(i_last, width, BAND), BN2) * BN2
+    full_lo = tl.minimum(tl.maximum(full_lo, k_begin), i0)
+    dq = tl.zeros([BT, D], dtype=tl.float32)
+    dq = _dq_loop(dq, q, do, lse, delta, Kb, Vb, kn, skd, vn, svd, offs_m, offs_d, k_begin, full_lo,
+                  n_eff, 0, qk_scale, width, 1, 1, 0, BAND, OFF, 0, False, True, BN2, F32)
+    dq = _dq_loop(dq, q, do, lse, delta, Kb, Vb, kn, skd, vn, svd, offs_m, offs_d, full_lo, i0,
+                  n_eff, 0, qk_scale, width, 1, 1, 0, BAND, OFF, 0, False, False, BN2, F32)
+    # the diagonal block (keys of the tile x queries of the tile), transposed like the dK/dV loop
+    k = tl.load(Kb + offs_m[:, None] * kn + offs_d[None, :] * skd, mask=rin[:, None], other=0.0)
+    v = tl.load(Vb + offs_m[:, None] * vn + offs_d[None, :] * svd, mask=rin[:, None], other=0.0)
+    qkT = _dot(k, tl.trans(q), tl.zeros([BT, BT], dtype=tl.float32), F32)
+    pT = tl.exp2(qkT * qk_scale - lse[None, :])
+    pT = tl.where(_band_allowed(offs_m[None, :], offs_m[:, None], width, BAND, OFF), pT, 0.0)
+    dpT = _dot(v, tl.trans(do), tl.zeros([BT, BT], dtype=tl.float32), F32)
+    dsT = _cast(pT * (dpT - delta[None, :]), q.dtype, F32)
+    dv = _dot(_cast(pT, do.dtype, F32), do, tl.zeros([BT, D], dtype=tl.float32), F32)
+    dk = _dot(dsT, q, tl.zeros([BT, D], dtype=tl.float32), F32)
+    dq = _dot(tl.trans(dsT), k, dq, F32) * scale
+    gptr = gbase + offs_m[:, None] * gn + offs_d[None, :] * sgd
+    if MERGE:
+        dq += tl.load(DQ + gptr, mask=rin[:, None], other=0.0).to(tl.float32)
+    tl.store(DQ + gptr, _cast(dq, DQ.dtype.element_ty, F32), mask=rin[:, None])
+    # queries after the tile: full tiles, then a masked tail where the band ends
+    q_begin = i0 + BT
+    q_end = tl.maximum(tl.cdiv(_band_last_query(i_last, width, n_eff, BAND) + 1, BM1) * BM1, q_begin)
+    full_hi = ((_band_last_query(i0, width, n_eff, BAND) + 1) // BM1) * BM1
+    if BAND == 1:
+        full_hi = q_end  # rows past n contribute zero (their LSE loads as +inf)
+    full_hi = tl.minimum(tl.maximum(full_hi, q_begin), q_end)
+    dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_m, offs_m, offs_d,
+                        q_begin, full_hi, n_eff, qk_scale, width, 1, 1, 0, BAND, OFF, 0, False, BM1, F32)
+    dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_m, offs_m, offs_d,
+                        full_hi, q_end, n_eff, qk_scale, width, 1, 1, 0, BAND, OFF, 0, True, BM1, F32)
+    dk = dk * scale
+    if MERGE:
+        dk += tl.load(DK + gptr, mask=rin[:, None], other=0.0).to(tl.float32)
+        dv += tl.load(DV + gptr, mask=rin[:, None], other=0.0).to(tl.float32)
+    tl.store(DK + gptr, _cast(dk, DK.dtype.element_ty, F32), mask=rin[:, None])
+    tl.store(DV + gptr, _cast(dv, DV.dtype.element_ty, F32), mask=rin[:, None])
+
+
+@triton.jit
 def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, HEADS, STARTS,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
                 sgb, sgh, sgn, sgd,
                 n, H, HL, groups, qk_scale, scale, width, sl, sc, nks,
                 BAND: tl.constexpr, OFF: tl.constexpr, SUMMARY: tl.constexpr, MERGE: tl.constexpr,
                 D: tl.constexpr, BM1: tl.constexpr, BN1: tl.constexpr, BM2: tl.constexpr, BN2: tl.constexpr,
-                F32: tl.constexpr):
+                FUSED: tl.constexpr, F32: tl.constexpr):
     # DQ, DK, DV share one layout (strides sg*): they are allocated together by the caller.
     pid0 = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -320,7 +381,13 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, HEADS, STARTS,
         t_total = (n // sl) * sc + tl.minimum(tl.maximum(n % sl - ss, 0), sc)
     else:
         t_total = 0
-    if role < nkb + nks:
+    if FUSED:
+        # band launches (no summary): one program per tile of BN1 rows does its dQ and its dK/dV
+        i0 = role * BN1
+        if i0 < n_eff:
+            _bwd_tile(Qb, Kb, Vb, DOb, DQ, DK, DV, gbase, LSEb, DELb, qn, sqd, kn, skd, vn, svd, don, sdod, gn, sgd,
+                      groups, i0, n_eff, qk_scale, scale, width, BAND, OFF, MERGE, D, BN1, BM1, BN2, F32)
+    elif role < nkb + nks:
         # key-stationary: dK, dV of one key tile
         if role < nkb:
             j0 = role * BN1

@@ -110,10 +110,11 @@ PATTERNS = [
     ("headsplit_strided", HeadSplit((Local(8), StridedColumns(8))), 64, 2),
     ("headsplit_fixed_strided", HeadSplit((Fixed(16, 4, (0, 1)), Strided(8))), 64, 4),
 ]
-# small tiles so that every band edge, full tile and gathered summary tile occurs; BM != BN both ways
+# small tiles so that every band edge, full tile and gathered summary tile occurs; BM != BN both ways; band
+# launches alternate between the fused backward (one program per tile for dQ and dK/dV) and split programs
 TILES = [
-    {"fwd": (32, 16, 4, 1), "bwd": (16, 32, 32, 16, 4, 1)},
-    {"fwd": (16, 32, 4, 1), "bwd": (32, 16, 16, 32, 4, 1)},
+    {"fwd": (32, 16, 4, 1), "bwd": (16, 32, 32, 16, 4, 1, 0, 1)},
+    {"fwd": (16, 32, 4, 1), "bwd": (32, 16, 16, 32, 4, 1, 0, 0)},
 ]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -139,6 +140,22 @@ def tiles(request):
 def test_pattern_matches_reference(name, pattern, n, heads, tiles, dtype):
     q, k, v, do = _inputs(1, heads, n, 32, DTYPES[dtype], seed=zlib.crc32(f"{name}-{dtype}".encode()))
     check_against_reference(q, k, v, do, pattern)
+
+
+@in_child
+@pytest.mark.parametrize("bwd", [(16, 16, 16, 16, 4, 1, 0, 1), (16, 32, 32, 16, 4, 1, 0, 1)], ids=["bt16", "bt32"])
+def test_fused_backward_band_edges(bwd):
+    """Fused band backward with bands wider than a tile: masked heads, full tiles and masked tails on both sides."""
+    from lightning_sparse.kernels import triton_backend
+
+    triton_backend.TUNING.clear()
+    triton_backend.TUNING.update({"fwd": (16, 16, 4, 1), "bwd": bwd})
+    try:
+        for i, pattern in enumerate((Local(40), FixedBlock(40), Strided(24), Dense())):
+            q, k, v, do = _inputs(1, 2, 150, 32, torch.float16, seed=zlib.crc32(f"fused-{bwd[1]}-{i}".encode()))
+            check_against_reference(q, k, v, do, pattern)
+    finally:
+        triton_backend.TUNING.clear()
 
 
 @in_child

@@ -132,6 +132,21 @@ def test_matches_reference(b, h, n, d, dtype, pattern):
     check(b, h, n, d, dtype, pattern)
 
 
+@pytest.mark.parametrize("fused", [0, 1], ids=["split", "fused"])
+def test_both_backward_programs(fused):
+    """Band launches' backward either way (separate dK/dV and dQ programs, or one fused program per tile)."""
+    from lightning_sparse.kernels import triton_backend as tb
+
+    tb.TUNING.clear()
+    tb.TUNING.update({"bwd:local": (32, 64, 64, 32, 4, 2, 0, fused), "bwd:strided": (32, 64, 64, 32, 4, 2, 0, fused),
+                      "bwd:natural": (32, 64, 64, 32, 4, 2, 0, fused)})
+    try:
+        check(1, 2, 8192, 64, torch.bfloat16, Strided(128))
+        check(1, 2, 4096, 64, torch.bfloat16, Dense())
+    finally:
+        tb.TUNING.clear()
+
+
 def test_model_layout_odd_length_and_scale():
     check(2, 4, 3001, 64, torch.bfloat16, Strided(50), scale=0.2, layout="bnhd")
     check(2, 4, 3001, 64, torch.bfloat16, Fixed(64, 16, (0, 2)), scale=0.2, layout="bnhd")
