@@ -20,6 +20,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+
 from lightning_sparse.kernels import Dense, Fixed, Pattern, Strided, sparse_attention
 from lightning_sparse.kernels import triton_backend as tb
 

@@ -17,6 +17,9 @@ import zlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
 from lightning_sparse.kernels import (
     Dense,
     Fixed,
@@ -31,8 +34,6 @@ from lightning_sparse.kernels import (
     head_masks,
     sparse_attention,
 )
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 PATTERNS: dict[str, Pattern] = {
     "dense": Dense(),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from lightning_sparse.kernels import (
     Dense,
     Fixed,

@@ -15,6 +15,7 @@ import pytest
 import torch
 from data_fixtures import FileServer, evil_pickle_bytes, py2_pickle_dumps, tar_bytes, zip_bytes
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
 from lightning_sparse.datamodules import (
     ChecksumError,
     DownloadError,

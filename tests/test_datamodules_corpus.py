@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from lightning_sparse.datamodules import ByteCorpusDataModule
 from lightning_sparse.datamodules.byte_corpus import stdlib_sources
 

@@ -22,6 +22,7 @@ from data_fixtures import (
     write_members,
     zip_bytes,
 )
+
 from lightning_sparse.datamodules import (
     AudioDataModule,
     ChecksumError,

@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+
 from lightning_sparse.kernels import (
     Dense,
     Fixed,
