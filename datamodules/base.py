@@ -753,3 +753,17 @@ class ByteDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, "test")
+
+    def setup_image_records(self, record_size: int, val_size: int, split_seed: int) -> None:
+        """Open the ``train``/``test`` record caches of ``self.cache_path(split)`` (preparing them if missing) and
+        hold out ``val_size`` seeded training records as the validation set; the test cache is the test set."""
+        splits = ("train", "test")
+        manifests = {s: read_cache(self.cache_path(s), {"record_size": record_size}) for s in splits}
+        if not all(manifests.values()):
+            self.prepare_data()
+            manifests = {s: read_cache(self.cache_path(s), {"record_size": record_size}) for s in splits}
+        train_idx, val_idx = holdout_split(manifests["train"]["nbytes"] // record_size, val_size, split_seed)
+        n_test = manifests["test"]["nbytes"] // record_size
+        self.train_set = RecordDataset(self.cache_path("train"), record_size, np.sort(train_idx))
+        self.val_set = RecordDataset(self.cache_path("train"), record_size, np.sort(val_idx))
+        self.test_set = RecordDataset(self.cache_path("test"), record_size, np.arange(n_test))

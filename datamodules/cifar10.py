@@ -9,9 +9,7 @@ import numpy as np
 
 from .base import (
     ByteDataModule,
-    RecordDataset,
     ensure_file,
-    holdout_split,
     load_pickle,
     planar_to_interleaved,
     read_cache,
@@ -124,12 +122,4 @@ class CIFAR10DataModule(ByteDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Open the caches; split train into 48,000 / 2,000 (by default) with the seeded hold-out."""
-        manifests = {s: read_cache(self.cache_path(s), {"record_size": RECORD}) for s in ("train", "test")}
-        if not all(manifests.values()):
-            self.prepare_data()
-            manifests = {s: read_cache(self.cache_path(s), {"record_size": RECORD}) for s in ("train", "test")}
-        n_train = manifests["train"]["nbytes"] // RECORD
-        train_idx, val_idx = holdout_split(n_train, self.val_size, self.split_seed)
-        self.train_set = RecordDataset(self.cache_path("train"), RECORD, np.sort(train_idx))
-        self.val_set = RecordDataset(self.cache_path("train"), RECORD, np.sort(val_idx))
-        self.test_set = RecordDataset(self.cache_path("test"), RECORD, np.arange(manifests["test"]["nbytes"] // RECORD))
+        self.setup_image_records(RECORD, self.val_size, self.split_seed)

@@ -12,10 +12,8 @@ import numpy as np
 
 from .base import (
     ByteDataModule,
-    RecordDataset,
     check_tar_members,
     ensure_file,
-    holdout_split,
     load_pickle,
     ordered_map,
     planar_to_interleaved,
@@ -226,13 +224,5 @@ class ImageNet64DataModule(ByteDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Open the caches; hold out `val_size` training images for validation."""
-        manifests = {s: read_cache(self.cache_path(s), {"record_size": RECORD}) for s in ("train", "test")}
-        if not all(manifests.values()):
-            self.prepare_data()
-            manifests = {s: read_cache(self.cache_path(s), {"record_size": RECORD}) for s in ("train", "test")}
-        n_train = manifests["train"]["nbytes"] // RECORD
-        train_idx, val_idx = holdout_split(n_train, self.val_size, self.split_seed)
-        self.train_set = RecordDataset(self.cache_path("train"), RECORD, np.sort(train_idx))
-        self.val_set = RecordDataset(self.cache_path("train"), RECORD, np.sort(val_idx))
-        self.test_set = RecordDataset(self.cache_path("test"), RECORD, np.arange(manifests["test"]["nbytes"] // RECORD))
+        self.setup_image_records(RECORD, self.val_size, self.split_seed)
 
