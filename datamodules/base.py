@@ -6,9 +6,11 @@ is laid out (`setup`: build the datasets below from the cache). Everything here 
 
 Sample layouts (the contract with the model):
 - stream training data (text, audio): uint8 tensors of `seq_len + 1` bytes; input x[:-1], target x[1:];
-- record data (images): uint8 tensors of exactly `seq_len` bytes (the model prepends its start token);
-- stream evaluation: tuples (window uint8 [seq_len + 1], first_scored: int); only targets at indices
-  >= first_scored are scored, and the windows score every byte of the split exactly once (`TailScoredWindows`).
+- record training data (images): uint8 tensors of exactly `seq_len` bytes (the model prepends its start token);
+- evaluation (every modality): tuples (sample, first_scored: int); only targets at indices >= first_scored are
+  scored. Stream windows (uint8 [seq_len + 1]) score every byte of the split exactly once (`TailScoredWindows`);
+  records (uint8 [seq_len]) score all their bytes (`ScoredRecords`). Both are padded to a multiple of the world
+  size with items that score nothing (`PaddedEvaluationSet`), so DDP evaluation counts every target once.
 """
 
 from __future__ import annotations
@@ -633,7 +635,54 @@ class RecordDataset(Dataset):
         return torch.from_numpy(np.array(self.data.array[a:a + self.record_size]))
 
 
-class TailScoredWindows(Dataset):
+class PaddedEvaluationSet(Dataset):
+    """Evaluation items `(sample, first_scored)`, padded with items that score nothing to a multiple of a number.
+
+    A subclass holds `num_real` real items, built by `real_item`; items past them repeat the last real sample with
+    first_scored = `num_targets` (the length of its targets), so none of its targets count. With the padding a
+    DistributedSampler need not repeat (and count twice) real items: evaluation under DDP gives exactly the
+    single-process result. Pad to the Trainer's world size (`ByteDataModule.world_size`).
+    """
+
+    def __init__(self, num_real: int, num_targets: int, pad_to_multiple: int = 1) -> None:
+        if isinstance(pad_to_multiple, bool) or not isinstance(pad_to_multiple, int) or pad_to_multiple < 1:
+            raise ValueError(f"pad_to_multiple={pad_to_multiple!r} must be a positive integer (the world size)")
+        self.num_real, self.num_targets = num_real, num_targets
+        self.num_items = -(-num_real // pad_to_multiple) * pad_to_multiple
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def resolve(self, index: int) -> tuple[int, bool]:
+        """(the real item whose sample item `index` carries, whether item `index` is padding)."""
+        if not 0 <= index < self.num_items:
+            raise IndexError(f"item {index} out of range [0, {self.num_items})")
+        return (index, False) if index < self.num_real else (self.num_real - 1, True)
+
+    def real_item(self, index: int) -> tuple[torch.Tensor, int]:
+        """Real item `index` < `num_real` as (sample, first_scored)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement real_item")
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        real, padding = self.resolve(index)
+        sample, first_scored = self.real_item(real)
+        return sample, self.num_targets if padding else first_scored
+
+
+class ScoredRecords(PaddedEvaluationSet):
+    """Evaluation records as (record uint8 [record_size], 0): every byte is a target (the model prepends its start
+    token), padded to a multiple of `pad_to_multiple` with records that score nothing (first_scored = record_size).
+    """
+
+    def __init__(self, records: RecordDataset, pad_to_multiple: int = 1) -> None:
+        super().__init__(len(records), records.record_size, pad_to_multiple)
+        self.records = records
+
+    def real_item(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.records[index], 0
+
+
+class TailScoredWindows(PaddedEvaluationSet):
     """Evaluation windows that score every byte of some ranges exactly once, each with >= `min_context` context.
 
     Item k is (window uint8 [seq_len + 1], first_scored): targets window[1:] at indices >= first_scored are
@@ -643,8 +692,7 @@ class TailScoredWindows(Dataset):
     no further than context_start (Enwik8 lets the test split take context from the validation split, as the
     paper; an audio file is its own context). Where a segment begins too close to context_start for a full
     context, its first window scores more bytes with less context; a segment shorter than a window is skipped.
-    `pad_to_multiple` appends windows that score nothing, so that a DistributedSampler need not repeat (and
-    count twice) real windows: evaluation under DDP gives exactly the single-process result.
+    `pad_to_multiple` appends windows that score nothing (see `PaddedEvaluationSet`).
     """
 
     def __init__(self, path: str | os.PathLike, segments: Sequence[tuple[int, int, int]], seq_len: int,
@@ -664,27 +712,20 @@ class TailScoredWindows(Dataset):
             self.spans.append((first, first_end, stop))
             counts.append(1 + -(-(stop - first_end) // self.step))
         self.offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-        self.num_real = int(self.offsets[-1])
-        self.num_items = -(-self.num_real // pad_to_multiple) * pad_to_multiple
-
-    def __len__(self) -> int:
-        return self.num_items
+        super().__init__(int(self.offsets[-1]), seq_len, pad_to_multiple)
 
     def layout(self, index: int) -> tuple[int, int]:
         """(start of the window in the stream, first scored target index) of item `index`."""
-        if not 0 <= index < self.num_items:
-            raise IndexError(f"window {index} out of range [0, {self.num_items})")
-        if index >= self.num_real:  # padding: a real window that scores nothing
-            return self.spans[-1][2] - self.window, self.seq_len
-        segment = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        real, padding = self.resolve(index)  # padding: the last real window, scoring nothing
+        segment = int(np.searchsorted(self.offsets, real, side="right")) - 1
         first, first_end, stop = self.spans[segment]
-        k = index - int(self.offsets[segment])
+        k = real - int(self.offsets[segment])
         scored_from = first if k == 0 else first_end + (k - 1) * self.step
         scored_end = first_end if k == 0 else min(scored_from + self.step, stop)
         a = scored_end - self.window  # the window ends with its last scored byte
-        return a, scored_from - 1 - a
+        return a, self.seq_len if padding else scored_from - 1 - a
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def real_item(self, index: int) -> tuple[torch.Tensor, int]:
         a, first_scored = self.layout(index)
         return torch.from_numpy(np.array(self.data.array[a:a + self.window])), first_scored
 
@@ -756,7 +797,11 @@ class ByteDataModule(L.LightningDataModule):
 
     def setup_image_records(self, record_size: int, val_size: int, split_seed: int) -> None:
         """Open the ``train``/``test`` record caches of ``self.cache_path(split)`` (preparing them if missing) and
-        hold out ``val_size`` seeded training records as the validation set; the test cache is the test set."""
+        hold out ``val_size`` seeded training records as the validation set; the test cache is the test set.
+
+        Training items are plain records; validation and test items are ``(record, first_scored)`` pairs padded to
+        a multiple of the world size with records that score nothing (`ScoredRecords`), so DDP evaluation is exact.
+        """
         splits = ("train", "test")
         manifests = {s: read_cache(self.cache_path(s), {"record_size": record_size}) for s in splits}
         if not all(manifests.values()):
@@ -765,5 +810,6 @@ class ByteDataModule(L.LightningDataModule):
         train_idx, val_idx = holdout_split(manifests["train"]["nbytes"] // record_size, val_size, split_seed)
         n_test = manifests["test"]["nbytes"] // record_size
         self.train_set = RecordDataset(self.cache_path("train"), record_size, np.sort(train_idx))
-        self.val_set = RecordDataset(self.cache_path("train"), record_size, np.sort(val_idx))
-        self.test_set = RecordDataset(self.cache_path("test"), record_size, np.arange(n_test))
+        pad = self.world_size
+        self.val_set = ScoredRecords(RecordDataset(self.cache_path("train"), record_size, np.sort(val_idx)), pad)
+        self.test_set = ScoredRecords(RecordDataset(self.cache_path("test"), record_size, np.arange(n_test)), pad)

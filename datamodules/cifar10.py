@@ -121,5 +121,9 @@ class CIFAR10DataModule(ByteDataModule):
             write_cache(self.cache_path(split), images(names), {"record_size": RECORD, "source": CIFAR10_FOLDER})
 
     def setup(self, stage: str | None = None) -> None:
-        """Open the caches; split train into 48,000 / 2,000 (by default) with the seeded hold-out."""
+        """Open the caches; split train into 48,000 / 2,000 (by default) with the seeded hold-out.
+
+        Training items are records; validation/test items are (record, first_scored) pairs padded to a multiple of
+        the world size with records that score nothing, so DDP bits/dim count every image once.
+        """
         self.setup_image_records(RECORD, self.val_size, self.split_seed)

@@ -223,6 +223,10 @@ class ImageNet64DataModule(ByteDataModule):
             write_cache(self.cache_path(split), images, {"record_size": RECORD, "format": self.format})
 
     def setup(self, stage: str | None = None) -> None:
-        """Open the caches; hold out `val_size` training images for validation."""
+        """Open the caches; hold out `val_size` training images for validation.
+
+        Training items are records; validation/test items are (record, first_scored) pairs padded to a multiple of
+        the world size with records that score nothing, so DDP bits/dim count every image once.
+        """
         self.setup_image_records(RECORD, self.val_size, self.split_seed)
 

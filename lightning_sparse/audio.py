@@ -51,9 +51,8 @@ class AudioDensityModel(DensityModel):
             match the data module's ``sample_rate`` when that has one.
         sample_length: Samples generated at the end of each validation (0 = no clips); 2,400 = 0.2 s at 12 kHz.
         sample_prompt_length: Real validation samples the generated clip continues (12,000 = 1 s at 12 kHz).
-        sample_every_n_epochs: Generate clips only after validations in every n-th epoch (each generated sample
-            is a full forward pass, which can add up to more than a short epoch).
-        **kwargs: Every other :class:`~lightning_sparse.modules.DensityModel` argument.
+        **kwargs: Every other :class:`~lightning_sparse.modules.DensityModel` argument, e.g.
+            ``sample_every_n_epochs`` (generate clips only after validations in every n-th epoch).
     """
 
     def __init__(
@@ -64,7 +63,6 @@ class AudioDensityModel(DensityModel):
         sample_rate: int = 12_000,
         sample_length: int = 2_400,
         sample_prompt_length: int = 12_000,
-        sample_every_n_epochs: int = 1,
         **kwargs: Any,
     ) -> None:
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
@@ -74,10 +72,6 @@ class AudioDensityModel(DensityModel):
                 f"AudioDensityModel: sample_rate must be a positive integer number of Hz, got {sample_rate!r}; "
                 "the paper uses 12000."
             )
-        if isinstance(sample_every_n_epochs, bool) or not isinstance(sample_every_n_epochs, int) or \
-                sample_every_n_epochs < 1:
-            raise ValueError(f"AudioDensityModel: sample_every_n_epochs must be an integer >= 1, got "
-                             f"{sample_every_n_epochs!r}; use sample_length=0 to never generate clips.")
         if pattern is None:  # resolved here so that the saved hyperparameters hold the real pattern
             pattern = Strided(sqrt_stride(seq_len))
         super().__init__(
@@ -88,7 +82,7 @@ class AudioDensityModel(DensityModel):
             **kwargs,
         )
         # Settings as attributes, as the base class does: under LightningCLI self.hparams is the parsed config.
-        self.sample_rate, self.sample_every_n_epochs = sample_rate, sample_every_n_epochs
+        self.sample_rate = sample_rate
 
     def setup(self, stage: str) -> None:
         """Check that the data is at the sample rate the clips are logged at."""
@@ -99,11 +93,6 @@ class AudioDensityModel(DensityModel):
                 f"AudioDensityModel: model.sample_rate={self.sample_rate} but the data module's sample_rate="
                 f"{data_rate}; set both to the same rate (the paper: 12000) so logged clips play at the right speed."
             )
-
-    def on_validation_epoch_end(self) -> None:
-        """Generate and log clips (every rank runs the forward passes) in every ``sample_every_n_epochs``-th epoch."""
-        if (self.current_epoch + 1) % self.sample_every_n_epochs == 0:
-            super().on_validation_epoch_end()
 
     def log_samples(self, prompt: torch.Tensor, sample: torch.Tensor) -> None:
         """Log the generated clip and prompt + clip, μ-law decoded to [-1, 1], to every TensorBoard logger."""

@@ -45,16 +45,17 @@ class ImageDensityModel(DensityModel):
     """A Sparse Transformer over images as bytes: raster order, channels interleaved per pixel (R, G, B of pixel 0, …).
 
     Every subpixel is scored: a learned start token is prepended, so batches are uint8 ``[B, H·W·C]`` records and
-    the loss covers all ``H·W·C`` dims [DA]. Positions are embedded by three learned tables, row, column and
+    the loss covers all ``H·W·C`` dims [DA]. Evaluation batches may be ``(records, first_scored)`` pairs, as the image
+    DataModules yield them: records with ``first_scored = H·W·C`` are DDP padding and score nothing. Positions are embedded by three learned tables, row, column and
     channel of the byte [P §5.3].
 
     At the end of validation (not the sanity check) in every ``sample_every_n_epochs``-th epoch it logs to
     TensorBoard, from global rank 0:
 
     * ``samples/images``: a grid of ``num_samples`` unconditional samples (temperature 1.0);
-    * ``samples/completions``: a two-row grid, the first ``num_completions`` images of the first validation batch
-      (top row; under DDP those of rank 0's shard) and the model's completions of them (bottom row): their top
-      ``H // 2`` rows are given, the rest is sampled.
+    * ``samples/completions``: a two-row grid, the first ``num_completions`` real images of the validation data
+      (top row; padding records are skipped; under DDP those of rank 0's shard) and the model's completions of them
+      (bottom row): their top ``H // 2`` rows are given, the rest is sampled.
 
     Sampling runs on every rank (sharded strategies such as FSDP need every rank in each forward pass), under the
     Trainer's precision (bf16 autocast with ``bf16-mixed``); only global rank 0 writes. Cost: one full forward pass
@@ -67,10 +68,8 @@ class ImageDensityModel(DensityModel):
             column and channel of every earlier row.
         num_samples: Unconditional samples per validation (0 = none).
         num_completions: Completions of real validation images per validation (0 = none).
-        sample_every_n_epochs: Sample only after validations in every n-th epoch (sampling a deep model can
-            take longer than a short epoch).
-        **kwargs: Every other :class:`~lightning_sparse.modules.DensityModel` argument (start token and position
-            shape are fixed by this class).
+        **kwargs: Every other :class:`~lightning_sparse.modules.DensityModel` argument, e.g.
+            ``sample_every_n_epochs`` (start token and position shape are fixed by this class).
     """
 
     def __init__(
@@ -81,7 +80,6 @@ class ImageDensityModel(DensityModel):
         pattern: Pattern | Interleaved | None = None,
         num_samples: int = 4,
         num_completions: int = 4,
-        sample_every_n_epochs: int = 1,
         **kwargs: Any,
     ) -> None:
         image_shape = tuple(image_shape)
@@ -101,10 +99,6 @@ class ImageDensityModel(DensityModel):
         for name, value in (("num_samples", num_samples), ("num_completions", num_completions)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"ImageDensityModel: {name} must be an integer >= 0 (0 disables it), got {value!r}.")
-        if isinstance(sample_every_n_epochs, bool) or not isinstance(sample_every_n_epochs, int) or \
-                sample_every_n_epochs < 1:
-            raise ValueError(f"ImageDensityModel: sample_every_n_epochs must be an integer >= 1, got "
-                             f"{sample_every_n_epochs!r}; use num_samples=0 and num_completions=0 to never sample.")
         if num_samples or num_completions:
             if c not in (1, 3, 4):
                 raise ValueError(
@@ -128,15 +122,14 @@ class ImageDensityModel(DensityModel):
             pattern=pattern,
             position_shape=image_shape,  # row, column and channel tables [P §5.3]
             start_token=True,
-            sample_length=0,  # this class samples whole images itself (on_validation_epoch_end)
+            sample_length=0,  # this class samples whole images itself (sample_and_log)
             sample_prompt_length=1,
             **kwargs,
         )
         # Settings as attributes, as the base class does: under LightningCLI self.hparams is the parsed config.
         self.image_shape: tuple[int, int, int] = image_shape
         self.num_samples, self.num_completions = num_samples, num_completions
-        self.sample_every_n_epochs = sample_every_n_epochs
-        self._real_images: torch.Tensor | None = None  # first validation images, the completion prompts
+        self._real_images: torch.Tensor | None = None  # first real validation images, the completion prompts
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Leave out the arguments this class fixes, so ``load_from_checkpoint`` passes them only once."""
@@ -149,10 +142,19 @@ class ImageDensityModel(DensityModel):
         h, w, c = self.image_shape
         return (h // 2) * w * c
 
+    def on_validation_epoch_start(self) -> None:
+        """Gather the completion prompts afresh in each validation run (so a short set never adds duplicates)."""
+        self._real_images = None
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)  # validates the batch first
-        if batch_idx == 0 and self._real_images is None and self.num_completions:
-            self._real_images = batch[: self.num_completions].clone()
+        have = 0 if self._real_images is None else len(self._real_images)
+        if have < self.num_completions:  # the first real images of the run, from as many batches as it takes
+            records, scored = batch if isinstance(batch, (tuple, list)) else (batch, None)
+            if scored is not None:  # a padding record (first_scored = seq_len) is no real image
+                records = records[torch.as_tensor(scored, device=records.device) < self.config.seq_len]
+            new = records[: self.num_completions - have].clone()
+            self._real_images = new if self._real_images is None else torch.cat([self._real_images, new])
 
     @torch.no_grad()
     def generate(self, num_samples: int, real_images: torch.Tensor | None, seed: int = 0
@@ -177,13 +179,9 @@ class ImageDensityModel(DensityModel):
             completions = torch.cat([given, rest], dim=1).to(torch.uint8)
         return samples, completions
 
-    def on_validation_epoch_end(self) -> None:
+    def sample_and_log(self) -> None:
         """Sample on every rank (each forward may be a collective), then log the grids from global rank 0."""
-        if self.trainer.sanity_checking or self.model is None:
-            return
         if not (self.num_samples or self.num_completions):
-            return
-        if (self.current_epoch + 1) % self.sample_every_n_epochs:
             return
         real = self._real_images if self.num_completions else None
         with self.trainer.precision_plugin.forward_context():

@@ -128,6 +128,13 @@ def _cifar(server, tmp_path, per_batch: int = 40):
     return dm, train, test
 
 
+def _eval_records(loader) -> torch.Tensor:
+    """All records of an evaluation loader of one process, checking that each is scored in full (no padding)."""
+    records, first = (torch.cat(parts) for parts in zip(*loader, strict=True))
+    assert first.tolist() == [0] * len(records)
+    return records
+
+
 def test_cifar10_records_are_interleaved_raster_and_split(server, tmp_path):
     dm, train, test = _cifar(server, tmp_path)
     dm.prepare_data()
@@ -137,12 +144,44 @@ def test_cifar10_records_are_interleaved_raster_and_split(server, tmp_path):
     r, g, b = train[0, :, 1, 2]
     assert train_cache[0, (1 * 32 + 2) * 3:(1 * 32 + 2) * 3 + 3].tolist() == [r, g, b]
     assert len(dm.train_set) == 180 and len(dm.val_set) == 20
-    got = {bytes(dm.train_set[i].numpy()) for i in range(180)} | {bytes(dm.val_set[i].numpy()) for i in range(20)}
+    assert all(dm.val_set[i][1] == 0 for i in range(20))  # (record, first_scored 0): every byte is scored
+    got = {bytes(dm.train_set[i].numpy()) for i in range(180)} | {bytes(dm.val_set[i][0].numpy()) for i in range(20)}
     assert got == {row.tobytes() for row in _hwc(train)}
-    test_batches = torch.cat(list(dm.test_dataloader()))
+    test_batches = _eval_records(dm.test_dataloader())
     assert test_batches.dtype == torch.uint8 and np.array_equal(test_batches.numpy(), _hwc(test))
     train_batch = next(iter(dm.train_dataloader()))
     assert train_batch.shape == (8, 3072)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_cifar10_ddp_evaluation_scores_every_image_once(server, tmp_path, batch_size):
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from lightning_sparse.image import ImageDensityModel
+
+    dm, train, test = _cifar(server, tmp_path, per_batch=5)  # 25 training images, 5 test images
+    dm.val_size = 7
+    dm.trainer = SimpleNamespace(world_size=2)  # what a 2-process Trainer shows its DataModule
+    dm.setup("fit")
+    model = ImageDensityModel(num_samples=0, num_completions=0, n_layer=1, n_head=2, d_model=32)
+    train_rows = {row.tobytes() for row in _hwc(train)}
+    for split, n, real in (("val", 7, train_rows), ("test", 5, {row.tobytes() for row in _hwc(test)})):
+        dataset = getattr(dm, f"{split}_set")
+        assert len(dataset) == n + 1  # padded to a multiple of 2 with one record
+        dims, scored_records = 0, []
+        for rank in range(2):  # Lightning's DistributedSampler for evaluation: no shuffling, ranks interleaved
+            sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=False)
+            for batch in DataLoader(dataset, batch_size=batch_size, sampler=sampler):
+                _, targets, scored = model._inputs_and_targets(batch)
+                assert targets.shape[1] == 3072
+                dims += int(scored.sum())
+                scored_records += [bytes(r.numpy()) for r, s in zip(batch[0], scored, strict=True) if s.any()]
+        assert dims == n * 3072  # exactly N images' dims, none counted twice
+        assert len(set(scored_records)) == n and set(scored_records) <= real  # n distinct real images
+    with pytest.raises(ValueError, match="pad_to_multiple=0 must be a positive integer"):
+        type(dm.val_set)(dm.val_set.records, pad_to_multiple=0)
 
 
 def test_cifar10_planted_pixels(server, tmp_path):
@@ -159,7 +198,7 @@ def test_cifar10_planted_pixels(server, tmp_path):
                            val_size=1)
     dm.prepare_data()
     dm.setup("test")
-    records = next(iter(dm.test_dataloader())).numpy()
+    records = _eval_records(dm.test_dataloader()).numpy()
     assert records[1, (4 * 32 + 5) * 3:(4 * 32 + 5) * 3 + 3].tolist() == [11, 22, 33]
     assert records[2, 3071 - 2] == 250 and records[2, 1] == 7
     assert records[0].sum() == 0 and int(records[1].astype(int).sum()) == 66
@@ -233,7 +272,7 @@ def test_imagenet64_oord_pngs(tmp_path, layout):
     cache = np.fromfile(dm.cache_path("train"), dtype=np.uint8).reshape(-1, 12288)
     assert np.array_equal(cache, train[order].reshape(9, -1))
     assert len(dm.train_set) == 7 and len(dm.val_set) == 2
-    test = torch.cat(list(dm.test_dataloader()))
+    test = _eval_records(dm.test_dataloader())
     assert np.array_equal(test.numpy(), valid.reshape(4, -1))
     r, g, b = valid[3, 10, 20]
     assert test[3, (10 * 64 + 20) * 3:(10 * 64 + 20) * 3 + 3].tolist() == [r, g, b]
@@ -269,7 +308,7 @@ def test_imagenet64_chrabaszcz_batches(tmp_path, fmt):
     dm.setup("fit")
     cache = np.fromfile(dm.cache_path("train"), dtype=np.uint8).reshape(-1, 12288)
     assert np.array_equal(cache, _hwc(chw.reshape(20, 3, 64, 64)))
-    test = torch.cat(list(dm.test_dataloader())).numpy()
+    test = _eval_records(dm.test_dataloader()).numpy()
     assert np.array_equal(test, _hwc(val))
     assert test[2, (5 * 64 + 6) * 3 + 1] == val[2, 1, 5, 6]  # G of pixel (5, 6)
     assert len(dm.train_set) == 15 and len(dm.val_set) == 5

@@ -123,12 +123,18 @@ def test_image_model_rejects_bad_shapes(kwargs, error, match):
         ImageDensityModel(**kwargs, **TINY)
 
 
-def test_image_model_logs_sample_and_completion_grids(tmp_path):
+@pytest.mark.parametrize("pairs", [False, True])
+def test_image_model_logs_sample_and_completion_grids(tmp_path, pairs):
     torch.manual_seed(0)
     model = ImageDensityModel(image_shape=SHAPE, num_samples=3, num_completions=2, **TINY)
     val = torch.randint(0, 256, (5, 48), dtype=torch.uint8)
+    val_items = val
+    if pairs:  # as the image DataModules: (record, first_scored); padding records (first_scored 48) score nothing
+        pad = torch.randint(0, 256, (48,), dtype=torch.uint8)
+        val_items = [(pad, 48), (val[0], 0), (pad, 48), (val[1], 0), (val[2], 0)]  # no padding record is a prompt
     logger, calls = recording_logger(tmp_path)
-    trainer = fit_one_step(model, torch.randint(0, 256, (4, 48), dtype=torch.uint8), val, logger, val_check_interval=2)
+    trainer = fit_one_step(model, torch.randint(0, 256, (4, 48), dtype=torch.uint8), val_items, logger,
+                           val_check_interval=2)
     assert_checkpoint_round_trip(trainer, model, tmp_path / "image.ckpt")
 
     images = {tag: kw for method, tag, kw in calls if method == "add_image"}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from lightning_sparse.cli import SparseCLI, build_cli
 from lightning_sparse.kernels import Fixed, Strided
@@ -68,6 +69,9 @@ def test_paper_config_matches_the_paper(name):
     if epochs is not None:
         assert trainer.max_epochs == epochs
     assert cli.datamodule.seq_len == model.config.seq_len
+    # sample_every_n_epochs is a DensityModel argument that reaches the model through the subclass's **kwargs.
+    written = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["model"]["init_args"]
+    assert model.sample_every_n_epochs == written.get("sample_every_n_epochs", 1)
 
     # Build the network on the meta device: no memory, no initialization.
     with torch.device("meta"):
