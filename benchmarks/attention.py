@@ -21,6 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lightning_sparse.datamodules.base import atomic_write
 from lightning_sparse.kernels import Dense, Fixed, Pattern, Strided, sparse_attention
 from lightning_sparse.kernels import triton_backend as tb
 
@@ -125,6 +126,34 @@ def flex_method(pattern: Pattern, n: int):
     return lambda q, k, v: flex(q, k, v, block_mask=bm)
 
 
+def _compile_flex(task: tuple[str, int, int, int, int]) -> str:
+    """Worker: compile FlexAttention forward and backward for one (pattern, b, h, n, d) into the shared caches."""
+    expr, b, h, n, d = task
+    pattern = eval(expr, {"Strided": Strided, "Fixed": Fixed})
+    t0 = time.perf_counter()
+    inputs = Inputs(b, h, n, d)
+    inputs.fwd_bwd(flex_method(pattern, n))()
+    inputs.fwd(flex_method(pattern, n))()
+    torch.cuda.synchronize()
+    return f"  compiled flex {expr} b={b} n={n} d={d} in {time.perf_counter() - t0:.0f}s"
+
+
+def warm_flex(tasks: list[tuple[str, int, int, int, int]], workers: int) -> None:
+    """Compile the FlexAttention kernels of every measured shape in parallel processes first: Inductor's on-disk
+    caches then make the timed process's compilations cheap (serially they take most of a cold run)."""
+    if not tasks or workers <= 0:
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    t0 = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx) as pool:
+        for line in pool.map(_compile_flex, tasks):
+            print(line, flush=True)
+    print(f"flex warm-up: {len(tasks)} shapes in {time.perf_counter() - t0:.0f}s", flush=True)
+
+
 def sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
@@ -151,27 +180,28 @@ def measure(rows, name, pattern, n, d, b, h, inputs, f, useful_nnz):
 
 
 SWEEP = {
-    # (head_dim, launch layout) -> candidate configs (see triton_backend.TUNING: fwd (BM, BN, warps, stages, maxnreg),
-    # bwd (BM1, BN1, BM2, BN2, warps, stages, maxnreg, fused)); the first of each list is the library default
-    (64, "fwd:local"): [(64, 32, 4, 3, 0), (64, 64, 4, 3, 128), (128, 64, 8, 3, 128), (64, 32, 4, 2, 0)],
-    (64, "fwd:strided"): [(64, 32, 4, 3, 0), (128, 64, 4, 3, 0), (128, 64, 8, 3, 128), (64, 64, 4, 2, 128)],
-    (64, "fwd:natural"): [(128, 64, 8, 3, 128), (128, 64, 4, 3, 0), (64, 64, 4, 3, 128), (128, 64, 8, 4, 128)],
-    (64, "bwd:local"): [(32, 64, 64, 32, 4, 2, 168, 1), (32, 64, 64, 32, 4, 2, 0, 0), (32, 64, 64, 32, 4, 2, 128, 1),
-                        (32, 64, 64, 32, 4, 3, 168, 1)],
-    (64, "bwd:strided"): [(32, 64, 64, 32, 4, 2, 168, 1), (64, 64, 64, 64, 4, 2, 0, 0), (32, 64, 64, 32, 4, 2, 128, 1),
-                          (64, 64, 64, 64, 4, 2, 168, 1)],
-    (64, "bwd:natural"): [(32, 128, 128, 32, 8, 3, 128, 0), (32, 64, 64, 32, 4, 3, 0, 0), (32, 64, 64, 32, 4, 2, 128, 0)],
-    (128, "fwd:local"): [(64, 64, 4, 3, 0), (128, 64, 8, 3, 0)],
-    (128, "fwd:strided"): [(64, 64, 4, 3, 0), (128, 64, 8, 3, 0)],
-    (128, "fwd:natural"): [(64, 64, 4, 3, 0), (128, 64, 8, 3, 0)],
-    (128, "bwd:local"): [(32, 64, 64, 32, 4, 2, 0, 0), (32, 64, 64, 32, 4, 2, 0, 1)],
-    (128, "bwd:strided"): [(32, 64, 64, 32, 4, 2, 0, 0), (32, 64, 64, 32, 4, 2, 0, 1)],
-    (128, "bwd:natural"): [(32, 64, 64, 32, 4, 2, 0, 0), (64, 64, 64, 64, 8, 2, 0, 0)],
+    # (head_dim, launch layout) -> candidate configs tried besides the library default (see triton_backend.TUNING:
+    # fwd (BM, BN, warps, stages, maxnreg, one_loop), bwd (BM1, BN1, BM2, BN2, warps, stages, maxnreg, fused,
+    # one_loop))
+    (64, "fwd:local"): [(64, 32, 4, 3, 0, 1), (64, 64, 4, 3, 128, 0), (64, 32, 4, 2, 0, 0)],
+    (64, "fwd:strided"): [(64, 32, 4, 3, 0, 0), (128, 64, 8, 3, 128, 0), (64, 64, 4, 2, 0, 1)],
+    (64, "fwd:natural"): [(128, 64, 4, 3, 0, 0), (64, 64, 4, 3, 128, 0), (128, 64, 8, 4, 128, 0)],
+    (64, "bwd:local"): [(32, 64, 64, 32, 4, 2, 168, 1, 1), (32, 64, 64, 32, 4, 1, 168, 1, 1),
+                        (32, 64, 64, 32, 4, 2, 0, 0, 0)],
+    (64, "bwd:strided"): [(32, 64, 64, 32, 4, 2, 168, 1, 1), (64, 64, 64, 64, 4, 2, 168, 1, 0)],
+    (64, "bwd:natural"): [(32, 128, 128, 32, 8, 3, 128, 0, 0), (32, 128, 128, 64, 8, 4, 128, 0, 0)],
+    (128, "fwd:local"): [(128, 64, 8, 3, 0, 0), (64, 64, 4, 3, 0, 1)],
+    (128, "fwd:strided"): [(128, 64, 8, 3, 0, 0), (64, 64, 4, 3, 0, 1)],
+    (128, "fwd:natural"): [(128, 64, 8, 3, 0, 0), (128, 64, 8, 3, 128, 0)],
+    (128, "bwd:local"): [(32, 64, 64, 32, 4, 2, 0, 1, 0), (32, 64, 64, 32, 4, 2, 0, 1, 1)],
+    (128, "bwd:strided"): [(32, 64, 64, 32, 4, 2, 0, 1, 0), (32, 64, 64, 32, 4, 2, 0, 1, 1)],
+    (128, "bwd:natural"): [(64, 64, 64, 64, 8, 2, 0, 0, 0), (32, 128, 128, 64, 8, 3, 128, 0, 0)],
 }
 
 
 def sweep(args):
-    """Time candidate tiles of each launch kind (others at their defaults) at n = 16384; keep the fastest."""
+    """Time the default and the candidate tiles of each launch kind (others at their defaults) at n = 16384; keep
+    the fastest."""
     results = []
     for d in args.dims:
         h = 8 if d == 64 else 4
@@ -183,7 +213,8 @@ def sweep(args):
                 for layout in layouts:
                     key = f"{kind}:{layout}"
                     best = None
-                    for cand in SWEEP.get((d, key), []):
+                    default = tb.DEFAULTS[(kind, layout, 64 if d <= 64 else 128)]
+                    for cand in [default, *SWEEP.get((d, key), [])]:
                         tb.TUNING.clear()
                         tb.TUNING[key] = cand
                         try:
@@ -229,7 +260,8 @@ def main(argv=None):
     ap.add_argument("--no-main", action="store_true")
     ap.add_argument("--deadline-s", type=float, default=1e9, help="after this many seconds time only the kernels")
     ap.add_argument("--png", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "attention.png"))
-    ap.add_argument("--json", default=None, help="write all measurements here")
+    ap.add_argument("--json", default=None, help="write all measurements here (after every measurement)")
+    ap.add_argument("--flex-workers", type=int, default=8, help="processes compiling Flex kernels first (0: none)")
     args = ap.parse_args(argv)
     args.dims = [int(x) for x in args.dims.split(",") if x]
     ns = [int(x) for x in args.ns.split(",") if x]
@@ -238,7 +270,17 @@ def main(argv=None):
     print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}", flush=True)
     start = time.perf_counter()
     out = {"sweep": sweep(args) if args.sweep else []}
-    scaling = []
+    scaling, rows = [], []
+    out.update(rows=rows, scaling=scaling)
+
+    def save() -> None:  # after every measurement, so a run cut short keeps what it measured
+        if args.json:
+            write_json(out, args.json)
+
+    shapes = [(n, d, 8 if d == 64 else 4, max(1, args.tokens // n)) for d in args.dims for n in ns]
+    if not args.no_main:
+        warm_flex([(repr(p), b, h, n, d) for n, d, h, b in shapes if n <= (args.max_flex_n if d == 64 else
+                   args.max_flex_n_128) for p in main_patterns(n, args)], args.flex_workers)
     for n in [int(x) for x in args.scaling_ns.split(",") if x]:
         pattern = Strided(2 ** round(math.log2(math.sqrt(n))))
         inp = Inputs(1, 8, n, 64)
@@ -246,39 +288,39 @@ def main(argv=None):
         measure(scaling, "triton", pattern, n, 64, 1, 8, inp, triton_method(pattern), nnz(pattern, n))
         if scaling:
             scaling[-1]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        save()
         del inp
         torch.cuda.empty_cache()
-    rows = []
-    if not args.no_main:
-        for d in args.dims:
-            h = 8 if d == 64 else 4
-            for n in ns:
-                b = max(1, args.tokens // n)
-                st = 2 ** round(math.log2(math.sqrt(n)))
-                patterns = [Strided(st)] + ([Fixed(st, st // 4)] if n <= args.max_fixed_n else [])
-                inp = Inputs(b, h, n, d)
-                dense_nnz = nnz(Dense(), n)
-                for p in patterns:
-                    measure(rows, "triton", p, n, d, b, h, inp, triton_method(p), nnz(p, n))
-                in_time = time.perf_counter() - start < args.deadline_s
-                if n <= args.max_dense_n and in_time:
-                    measure(rows, "sdpa", Dense(), n, d, b, h, inp, sdpa, dense_nnz)
-                if n <= (args.max_flex_n if d == 64 else args.max_flex_n_128) and in_time:
-                    for p in patterns:
-                        measure(rows, "flex", p, n, d, b, h, inp, flex_method(p, n), nnz(p, n))
-                del inp
-                torch.cuda.empty_cache()
-    out.update(rows=rows, scaling=scaling)
+    for n, d, h, b in [] if args.no_main else shapes:
+        patterns = main_patterns(n, args)
+        inp = Inputs(b, h, n, d)
+        for p in patterns:
+            measure(rows, "triton", p, n, d, b, h, inp, triton_method(p), nnz(p, n))
+        in_time = time.perf_counter() - start < args.deadline_s
+        if n <= args.max_dense_n and in_time:
+            measure(rows, "sdpa", Dense(), n, d, b, h, inp, sdpa, nnz(Dense(), n))
+        if n <= (args.max_flex_n if d == 64 else args.max_flex_n_128) and in_time:
+            for p in patterns:
+                measure(rows, "flex", p, n, d, b, h, inp, flex_method(p, n), nnz(p, n))
+        save()
+        del inp
+        torch.cuda.empty_cache()
     print_tables(rows, scaling)
     if rows or scaling:
         plot(rows, scaling, args.png)
-    if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, args.json)
+    save()
+
+
+def main_patterns(n: int, args) -> list[Pattern]:
+    """The paper's patterns at length n: strided and fixed with l = 2^round(log2 √n), c = l/4."""
+    st = 2 ** round(math.log2(math.sqrt(n)))
+    return [Strided(st)] + ([Fixed(st, st // 4)] if n <= args.max_fixed_n else [])
+
+
+def write_json(obj, path: str) -> None:
+    """Write ``obj`` as JSON atomically (a reader never sees half a file)."""
+    with atomic_write(path) as f:
+        f.write(json.dumps(obj, indent=1).encode())
 
 
 def short(pattern: str) -> str:
@@ -345,11 +387,9 @@ def plot(rows, scaling, path, note: str = ""):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
     print(f"wrote {path}")
 
 

@@ -10,11 +10,11 @@ step, the last train/bpd before it, and val/bpd.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_sparse.datamodules.base import atomic_write
 
 
 def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float, float]]]:
@@ -68,17 +68,9 @@ def plot(scalars: dict[str, list[tuple[int, float, float]]], out: Path, title: s
     ax.set_title(title, fontsize=10, pad=12)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(out) as f:
             fig.savefig(f, format="png")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     finally:
         plt.close(fig)
 

@@ -23,10 +23,8 @@ import argparse
 import importlib
 import json
 import math
-import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -34,6 +32,8 @@ from typing import Any
 
 import torch
 import yaml
+
+from lightning_sparse.datamodules.base import atomic_write
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PAPER_CONFIGS = ("cifar10", "enwik8", "imagenet64", "audio_65k", "audio_262k", "audio_1m")
@@ -190,18 +190,9 @@ def table(rows: list[dict]) -> str:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    """Write ``payload`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write ``payload`` to ``path`` atomically (temporary file, fsync, rename)."""
+    with atomic_write(path) as f:
+        f.write(json.dumps(payload, indent=2).encode())
 
 
 def parse_batches(items: list[str]) -> dict[str, int]:

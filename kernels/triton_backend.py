@@ -20,11 +20,12 @@ from .patterns import Pattern
 HEAD_DIMS = (32, 64, 128)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-# Tile overrides for tests and tuning sweeps: keys "fwd" -> (BM, BN, warps, stages[, maxnreg]) and
-# "bwd" -> (BM1, BN1, BM2, BN2, warps, stages[, maxnreg[, fused]]), optionally narrowed to a layout ("fwd:local",
-# "bwd:strided", …: "local" is a natural-layout launch of a Local band alone) and a head dim ("fwd:strided:d128").
-# maxnreg 0 = the compiler's choice; fused 1 = band launches run one program per tile of BN1 rows for its dQ and
-# dK/dV (BM1, BN2 <= BN1), 0 = separate dK/dV and dQ programs.
+# Tile overrides for tests and tuning sweeps: keys "fwd" -> (BM, BN, warps, stages[, maxnreg[, one_loop]]) and
+# "bwd" -> (BM1, BN1, BM2, BN2, warps, stages[, maxnreg[, fused[, one_loop]]]), optionally narrowed to a layout
+# ("fwd:local", "bwd:strided", …: "local" is a natural-layout launch of a Local band alone) and a head dim
+# ("fwd:strided:d128"). maxnreg 0 = the compiler's choice; fused 1 = band launches run one program per tile of BN1
+# rows for its dQ and dK/dV (BM1, BN2 <= BN1), 0 = separate dK/dV and dQ programs; one_loop 1 = a band's key (or
+# query) tiles run in one masked loop instead of masked edges around an unmasked middle.
 TUNING: dict[str, tuple[int, ...]] = {}
 
 _KERNELS: Any = None
@@ -97,35 +98,36 @@ def _layout(launch: Launch) -> str:
     return "local" if launch.band == BAND_LOCAL and launch.summary == 0 else "natural"
 
 
-# 16-bit defaults per (kind, launch layout, head dim <= 64 or 128), from H200 sweeps (notes in /work/notes/triton.md):
-# fwd -> (BM, BN, warps, stages, maxnreg); bwd -> (BM1, BN1, BM2, BN2, warps, stages, maxnreg, fused). A local band
-# wastes (BM + width) / width of its work, so it takes 64-row query tiles; strided-layout sequences are short
-# (n / stride rows), so tiles are capped at the sequence. A register cap of 168 (128 at 8 warps) fits 3 (2) programs
-# per multiprocessor without spills (checked with the compiler's resource report); the fused band backward shares
-# each diagonal block between dQ and dK/dV.
+# 16-bit defaults per (kind, launch layout, head dim <= 64 or 128), from H200 sweeps (benchmarks/results/
+# KERNEL_NOTES.md): fwd -> (BM, BN, warps, stages, maxnreg, one_loop); bwd -> (BM1, BN1, BM2, BN2, warps, stages,
+# maxnreg, fused, one_loop). A local band wastes (BM + width) / width of its work, so it takes 64-row query tiles;
+# strided-layout sequences are short (n / stride rows), so tiles are capped at the sequence and their few key tiles
+# run in one pipelined loop. A register cap of 168 (128 at 8 warps) fits 3 (2) programs per multiprocessor without
+# spills (checked with the compiler's resource report); the fused band backward shares each diagonal block between
+# dQ and dK/dV.
 DEFAULTS: dict[tuple[str, str, int], tuple[int, ...]] = {
-    ("fwd", "local", 64): (64, 32, 4, 3, 0),
-    ("fwd", "strided", 64): (64, 32, 4, 3, 0),
-    ("fwd", "natural", 64): (128, 64, 8, 3, 128),
-    ("fwd", "local", 128): (64, 64, 4, 3, 0),
-    ("fwd", "strided", 128): (64, 64, 4, 3, 0),
-    ("fwd", "natural", 128): (64, 64, 4, 3, 0),
-    ("bwd", "local", 64): (32, 64, 64, 32, 4, 2, 168, 1),
-    ("bwd", "strided", 64): (32, 64, 64, 32, 4, 2, 168, 1),
-    ("bwd", "natural", 64): (32, 128, 128, 32, 8, 3, 128, 0),
-    ("bwd", "local", 128): (32, 64, 64, 32, 4, 2, 0, 0),
-    ("bwd", "strided", 128): (32, 64, 64, 32, 4, 2, 0, 0),
-    ("bwd", "natural", 128): (32, 64, 64, 32, 4, 2, 0, 0),
+    ("fwd", "local", 64): (64, 32, 4, 3, 0, 0),
+    ("fwd", "strided", 64): (64, 32, 4, 3, 0, 1),
+    ("fwd", "natural", 64): (128, 64, 8, 3, 128, 0),
+    ("fwd", "local", 128): (64, 64, 4, 3, 0, 0),
+    ("fwd", "strided", 128): (64, 64, 4, 3, 0, 0),
+    ("fwd", "natural", 128): (64, 64, 4, 3, 0, 0),
+    ("bwd", "local", 64): (32, 64, 64, 32, 4, 2, 168, 1, 0),
+    ("bwd", "strided", 64): (32, 64, 64, 32, 4, 2, 168, 1, 0),
+    ("bwd", "natural", 64): (32, 128, 128, 64, 8, 3, 128, 0, 0),
+    ("bwd", "local", 128): (32, 64, 64, 32, 4, 2, 0, 0, 0),
+    ("bwd", "strided", 128): (32, 64, 64, 32, 4, 2, 0, 0, 0),
+    ("bwd", "natural", 128): (32, 64, 64, 32, 4, 2, 0, 0, 0),
 }
-_F32_CONFIG = {"fwd": (64, 32, 4, 2, 0), "bwd": (32, 32, 32, 32, 4, 2, 0, 0)}
+_F32_CONFIG = {"fwd": (64, 32, 4, 2, 0, 0), "bwd": (32, 32, 32, 32, 4, 2, 0, 0, 0)}
 
 
 def _config(kind: str, launch: Launch, d: int, dtype: torch.dtype, n_eff: int) -> tuple[int, ...]:
-    """Tiles, warps, pipeline stages, register cap (0: none) and, for 'bwd', the fused flag of one launch.
+    """Tiles, warps, pipeline stages, register cap (0: none), for 'bwd' the fused flag, and the one-loop flag.
 
-    Returns (BM, BN, warps, stages, maxnreg) for 'fwd' and (BM1, BN1, BM2, BN2, warps, stages, maxnreg, fused) for
-    'bwd': a ``TUNING`` override if one matches, else ``DEFAULTS`` (float32 inputs: one small-tile config). Tiles are
-    capped at the launch's sequence length ``n_eff``.
+    Returns (BM, BN, warps, stages, maxnreg, one_loop) for 'fwd' and (BM1, BN1, BM2, BN2, warps, stages, maxnreg,
+    fused, one_loop) for 'bwd': a ``TUNING`` override if one matches, else ``DEFAULTS`` (float32 inputs: one
+    small-tile config). Tiles are capped at the launch's sequence length ``n_eff``.
     """
     layout = _layout(launch)
     cfg = next((TUNING[k] for k in (f"{kind}:{layout}:d{d}", f"{kind}:{layout}", kind) if k in TUNING), None)
@@ -133,8 +135,8 @@ def _config(kind: str, launch: Launch, d: int, dtype: torch.dtype, n_eff: int) -
         cfg = _F32_CONFIG[kind] if dtype == torch.float32 else DEFAULTS[(kind, layout, 64 if d <= 64 else 128)]
     ntiles = 2 if kind == "fwd" else 4
     tiles = tuple(_pow2_at_most(n_eff, t) for t in cfg[:ntiles])
-    warps, stages, maxnreg, fused = (*cfg[ntiles:], 0, 0)[:4]  # maxnreg and fused are optional in TUNING
-    return (*tiles, warps, stages, maxnreg) if kind == "fwd" else (*tiles, warps, stages, maxnreg, fused)
+    extras = (*cfg[ntiles:], 0, 0, 0)  # maxnreg, fused and one_loop are optional in TUNING
+    return (*tiles, *extras[: 4 if kind == "fwd" else 5])
 
 
 def _f32_dots(dtype: torch.dtype) -> bool:
@@ -166,14 +168,15 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: tuple[Laun
         heads, starts = head_tables(launch, q.device)
         groups = min(launch.stride, n)  # residue classes past n are empty; each class below n has one row then
         n_eff = -(-n // groups)
-        bm, bn, warps, stages, maxnreg = _config("fwd", launch, d, q.dtype, n_eff)
+        bm, bn, warps, stages, maxnreg, one_loop = _config("fwd", launch, d, q.dtype, n_eff)
         grid = (-(-n_eff // bm) * groups, b * len(launch.heads))
         kern._fwd_kernel[grid](
             q, k, v, out, lse, heads, starts,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             n, h, len(launch.heads), groups, qk_scale, launch.width, launch.summary_stride, launch.summary_size,
             BAND=launch.band, OFF=launch.offset, SUMMARY=launch.summary, MERGE=launch.merge,
-            D=d, BM=bm, BN=bn, F32=f32, num_warps=warps, num_stages=stages, **_reg_cap(maxnreg),
+            D=d, BM=bm, BN=bn, ONE_LOOP=bool(one_loop), F32=f32, num_warps=warps, num_stages=stages,
+            **_reg_cap(maxnreg),
         )  # fmt: skip
     return out, lse
 
@@ -193,7 +196,7 @@ def _backward(q, k, v, out, lse, do, plan: tuple[Launch, ...], scale: float):
         heads, starts = head_tables(launch, q.device)
         groups = min(launch.stride, n)
         n_eff = -(-n // groups)
-        bm1, bn1, bm2, bn2, warps, stages, maxnreg, fused = _config("bwd", launch, d, q.dtype, n_eff)
+        bm1, bn1, bm2, bn2, warps, stages, maxnreg, fused, one_loop = _config("bwd", launch, d, q.dtype, n_eff)
         fused = bool(fused) and launch.summary == 0
         nks = _summary_tiles(launch, n, bn1)
         if fused:  # one program per tile of bn1 rows; its loops step by tiles that divide bn1
@@ -208,8 +211,8 @@ def _backward(q, k, v, out, lse, do, plan: tuple[Launch, ...], scale: float):
             n, h, len(launch.heads), groups, qk_scale, scale, launch.width, launch.summary_stride,
             launch.summary_size, nks,
             BAND=launch.band, OFF=launch.offset, SUMMARY=launch.summary, MERGE=launch.merge,
-            D=d, BM1=bm1, BN1=bn1, BM2=bm2, BN2=bn2, FUSED=fused, F32=f32, num_warps=warps, num_stages=stages,
-            **_reg_cap(maxnreg),
+            D=d, BM1=bm1, BN1=bn1, BM2=bm2, BN2=bn2, FUSED=fused, ONE_LOOP=bool(one_loop), F32=f32,
+            num_warps=warps, num_stages=stages, **_reg_cap(maxnreg),
         )  # fmt: skip
     return dq, dk, dv
 

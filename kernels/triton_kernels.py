@@ -142,7 +142,9 @@ def _fwd_kernel(Q, K, V, Out, LSE, HEADS, STARTS,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                 n, H, HL, groups, qk_scale, width, sl, sc,
                 BAND: tl.constexpr, OFF: tl.constexpr, SUMMARY: tl.constexpr, MERGE: tl.constexpr,
-                D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr):
+                D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ONE_LOOP: tl.constexpr, F32: tl.constexpr):
+    # ONE_LOOP: the band's key tiles run in one masked loop (one software pipeline, better for short bands and
+    # chains) instead of a masked head, an unmasked middle and a masked tail.
     pid0 = tl.program_id(0)
     pid_bh = tl.program_id(1)
     grp = pid0 % groups
@@ -188,6 +190,9 @@ def _fwd_kernel(Q, K, V, Out, LSE, HEADS, STARTS,
             full_hi = ((i0 - OFF + 1) // BN) * BN
             full_lo = tl.minimum(tl.maximum(full_lo, k_begin), k_end)
             full_hi = tl.minimum(tl.maximum(full_hi, full_lo), k_end)
+            if ONE_LOOP:
+                full_lo = k_end
+                full_hi = k_end
             acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, Kb, Vb, kn, skd, vn, svd, offs_m, offs_d, k_begin, full_lo,
                                       n_eff, 0, qk_scale, width, sl, sc, ss, BAND, OFF, SUMMARY, False, True, BN, F32)
             acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, Kb, Vb, kn, skd, vn, svd, offs_m, offs_d, full_lo, full_hi,
@@ -288,9 +293,10 @@ def _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, lsen, offs
 def _bwd_tile(Qb, Kb, Vb, DOb, DQ, DK, DV, gbase, LSEb, DELb, qn, sqd, kn, skd, vn, svd, don, sdod, gn, sgd,
               groups, i0, n_eff, qk_scale, scale, width,
               BAND: tl.constexpr, OFF: tl.constexpr, MERGE: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
-              BM1: tl.constexpr, BN2: tl.constexpr, F32: tl.constexpr):
+              BM1: tl.constexpr, BN2: tl.constexpr, ONE_LOOP: tl.constexpr, F32: tl.constexpr):
     """dQ of the BT queries and dK, dV of the BT keys of one tile of a band: the diagonal block is computed once
-    for both; dQ adds the band's earlier key tiles, dK/dV its later query tiles (BM1 and BN2 divide BT)."""
+    for both; dQ adds the band's earlier key tiles, dK/dV its later query tiles (BM1 and BN2 divide BT). ONE_LOOP:
+    each side is one masked loop."""
     offs_m = i0 + tl.arange(0, BT)
     offs_d = tl.arange(0, D)
     rin = offs_m < n_eff
@@ -304,6 +310,8 @@ def _bwd_tile(Qb, Kb, Vb, DOb, DQ, DK, DV, gbase, LSEb, DELb, qn, sqd, kn, skd, 
     k_begin = (_band_first(i0, width, BAND) // BN2) * BN2
     full_lo = tl.cdiv(_band_first(i_last, width, BAND), BN2) * BN2
     full_lo = tl.minimum(tl.maximum(full_lo, k_begin), i0)
+    if ONE_LOOP:
+        full_lo = i0
     dq = tl.zeros([BT, D], dtype=tl.float32)
     dq = _dq_loop(dq, q, do, lse, delta, Kb, Vb, kn, skd, vn, svd, offs_m, offs_d, k_begin, full_lo,
                   n_eff, 0, qk_scale, width, 1, 1, 0, BAND, OFF, 0, False, True, BN2, F32)
@@ -331,6 +339,8 @@ def _bwd_tile(Qb, Kb, Vb, DOb, DQ, DK, DV, gbase, LSEb, DELb, qn, sqd, kn, skd, 
     if BAND == 1:
         full_hi = q_end  # rows past n contribute zero (their LSE loads as +inf)
     full_hi = tl.minimum(tl.maximum(full_hi, q_begin), q_end)
+    if ONE_LOOP:
+        full_hi = q_begin
     dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_m, offs_m, offs_d,
                         q_begin, full_hi, n_eff, qk_scale, width, 1, 1, 0, BAND, OFF, 0, False, BM1, F32)
     dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_m, offs_m, offs_d,
@@ -350,7 +360,7 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, HEADS, STARTS,
                 n, H, HL, groups, qk_scale, scale, width, sl, sc, nks,
                 BAND: tl.constexpr, OFF: tl.constexpr, SUMMARY: tl.constexpr, MERGE: tl.constexpr,
                 D: tl.constexpr, BM1: tl.constexpr, BN1: tl.constexpr, BM2: tl.constexpr, BN2: tl.constexpr,
-                FUSED: tl.constexpr, F32: tl.constexpr):
+                FUSED: tl.constexpr, ONE_LOOP: tl.constexpr, F32: tl.constexpr):
     # DQ, DK, DV share one layout (strides sg*): they are allocated together by the caller.
     pid0 = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -386,7 +396,7 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, HEADS, STARTS,
         i0 = role * BN1
         if i0 < n_eff:
             _bwd_tile(Qb, Kb, Vb, DOb, DQ, DK, DV, gbase, LSEb, DELb, qn, sqd, kn, skd, vn, svd, don, sdod, gn, sgd,
-                      groups, i0, n_eff, qk_scale, scale, width, BAND, OFF, MERGE, D, BN1, BM1, BN2, F32)
+                      groups, i0, n_eff, qk_scale, scale, width, BAND, OFF, MERGE, D, BN1, BM1, BN2, ONE_LOOP, F32)
     elif role < nkb + nks:
         # key-stationary: dK, dV of one key tile
         if role < nkb:

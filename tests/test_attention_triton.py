@@ -144,16 +144,25 @@ def test_pattern_matches_reference(name, pattern, n, heads, tiles, dtype):
 
 
 @in_child
-@pytest.mark.parametrize("bwd", [(16, 16, 16, 16, 4, 1, 0, 1), (16, 32, 32, 16, 4, 1, 0, 1)], ids=["bt16", "bt32"])
-def test_fused_backward_band_edges(bwd):
-    """Fused band backward with bands wider than a tile: masked heads, full tiles and masked tails on both sides."""
+@pytest.mark.parametrize(
+    "fwd,bwd",
+    [
+        ((16, 16, 4, 1), (16, 16, 16, 16, 4, 1, 0, 1)),
+        ((16, 16, 4, 1), (16, 32, 32, 16, 4, 1, 0, 1)),
+        ((16, 16, 4, 1, 0, 1), (16, 32, 32, 16, 4, 1, 0, 1, 1)),
+    ],
+    ids=["bt16", "bt32", "bt32_one_loop"],
+)
+def test_fused_backward_band_edges(fwd, bwd):
+    """Fused band backward with bands wider than a tile: masked heads, full tiles and masked tails on both sides
+    (or, with one_loop, every band tile of a side in one masked loop)."""
     from lightning_sparse.kernels import triton_backend
 
     triton_backend.TUNING.clear()
-    triton_backend.TUNING.update({"fwd": (16, 16, 4, 1), "bwd": bwd})
+    triton_backend.TUNING.update({"fwd": fwd, "bwd": bwd})
     try:
         for i, pattern in enumerate((Local(40), FixedBlock(40), Strided(24), Dense())):
-            q, k, v, do = _inputs(1, 2, 150, 32, torch.float16, seed=zlib.crc32(f"fused-{bwd[1]}-{i}".encode()))
+            q, k, v, do = _inputs(1, 2, 150, 32, torch.float16, seed=zlib.crc32(f"fused-{bwd}-{i}".encode()))
             check_against_reference(q, k, v, do, pattern)
     finally:
         triton_backend.TUNING.clear()
