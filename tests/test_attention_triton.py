@@ -110,6 +110,8 @@ PATTERNS = [
     ("strided_odd_stride", Strided(5), 93, 2),
     ("headsplit_strided", HeadSplit((Local(8), StridedColumns(8))), 64, 2),
     ("headsplit_fixed_strided", HeadSplit((Fixed(16, 4, (0, 1)), Strided(8))), 64, 4),
+    # one natural-order launch for all heads and a strided-order one (merging into it) for half of them
+    ("headsplit_local_strided", HeadSplit((Local(8), Strided(8))), 64, 4),
 ]
 # small tiles so that every band edge, full tile and gathered summary tile occurs; BM != BN both ways; band
 # launches alternate between the fused backward (one program per tile for dQ and dK/dV) and split programs
