@@ -88,6 +88,19 @@ def _band_allowed(i, j, width, BAND: tl.constexpr, OFF: tl.constexpr):
 
 
 @triton.jit
+def _band_key_tiles(i0, i_last, width, BAND: tl.constexpr, OFF: tl.constexpr, BN: tl.constexpr):
+    """Key tiles of the band of queries i0..i_last, in steps of BN: masked [k_begin, full_lo), unmasked
+    [full_lo, full_hi), masked [full_hi, k_end)."""
+    k_begin = (_band_first(i0, width, BAND) // BN) * BN
+    k_end = tl.cdiv(i_last - OFF + 1, BN) * BN
+    full_lo = tl.cdiv(_band_first(i_last, width, BAND), BN) * BN
+    full_hi = ((i0 - OFF + 1) // BN) * BN
+    full_lo = tl.minimum(tl.maximum(full_lo, k_begin), k_end)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), k_end)
+    return k_begin, full_lo, full_hi, k_end
+
+
+@triton.jit
 def _sum_count(i, sl, sc, ss, SUMMARY: tl.constexpr):
     """How many summary keys query i sees (they are the first ones in gathered order)."""
     c = (i // sl) * sc
@@ -103,27 +116,42 @@ def _sum_pos(t, sl, sc, ss):
 
 
 @triton.jit
+def _key_rows(offs_n, n_eff, t_total, sl, sc, ss, GATHER: tl.constexpr):
+    """Rows of the key tile with indices offs_n (gathered summary order when GATHER) and which of them exist."""
+    if GATHER:
+        pos = _sum_pos(offs_n, sl, sc, ss)
+        kin = offs_n < t_total
+    else:
+        pos = offs_n
+        kin = offs_n < n_eff
+    return pos, kin
+
+
+@triton.jit
+def _pairs_allowed(offs_m, offs_n, kin, width, sl, sc, ss,
+                   BAND: tl.constexpr, OFF: tl.constexpr, SUMMARY: tl.constexpr, GATHER: tl.constexpr):
+    """[queries, keys] mask of the allowed pairs of a masked tile (summary keys: the first ones in gathered order)."""
+    if GATHER:
+        ok = offs_n[None, :] < _sum_count(offs_m, sl, sc, ss, SUMMARY)[:, None]
+    else:
+        ok = _band_allowed(offs_m[:, None], offs_n[None, :], width, BAND, OFF)
+    return ok & kin[None, :]
+
+
+@triton.jit
 def _fwd_loop(acc, m_i, l_i, q, Kb, Vb, skn, skd, svn, svd, offs_m, offs_d, start, end, n_eff, t_total,
               qk_scale, width, sl, sc, ss,
               BAND: tl.constexpr, OFF: tl.constexpr, SUMMARY: tl.constexpr, GATHER: tl.constexpr,
               MASKED: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr):
     for s in range(start, end, BN):
         offs_n = s + tl.arange(0, BN)
-        if GATHER:
-            pos = _sum_pos(offs_n, sl, sc, ss)
-            kin = offs_n < t_total
-        else:
-            pos = offs_n
-            kin = offs_n < n_eff
+        pos, kin = _key_rows(offs_n, n_eff, t_total, sl, sc, ss, GATHER)
         k = tl.load(Kb + pos[None, :] * skn + offs_d[:, None] * skd, mask=kin[None, :], other=0.0)
         v = tl.load(Vb + pos[:, None] * svn + offs_d[None, :] * svd, mask=kin[:, None], other=0.0)
         qk = _dot(q, k, tl.zeros([q.shape[0], BN], dtype=tl.float32), F32) * qk_scale
         if MASKED:
-            if GATHER:
-                ok = offs_n[None, :] < _sum_count(offs_m, sl, sc, ss, SUMMARY)[:, None]
-            else:
-                ok = _band_allowed(offs_m[:, None], offs_n[None, :], width, BAND, OFF)
-            qk = tl.where(ok & kin[None, :], qk, float("-inf"))
+            ok = _pairs_allowed(offs_m, offs_n, kin, width, sl, sc, ss, BAND, OFF, SUMMARY, GATHER)
+            qk = tl.where(ok, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
@@ -184,12 +212,7 @@ def _fwd_kernel(Q, K, V, Out, LSE, HEADS, STARTS,
             acc = tl.zeros([BM, D], dtype=tl.float32)
         i_last = tl.minimum(i0 + BM, n_eff) - 1
         if BAND != 0:
-            k_begin = (_band_first(i0, width, BAND) // BN) * BN
-            k_end = tl.cdiv(i_last - OFF + 1, BN) * BN
-            full_lo = tl.cdiv(_band_first(i_last, width, BAND), BN) * BN
-            full_hi = ((i0 - OFF + 1) // BN) * BN
-            full_lo = tl.minimum(tl.maximum(full_lo, k_begin), k_end)
-            full_hi = tl.minimum(tl.maximum(full_hi, full_lo), k_end)
+            k_begin, full_lo, full_hi, k_end = _band_key_tiles(i0, i_last, width, BAND, OFF, BN)
             if ONE_LOOP:
                 full_lo = k_end
                 full_hi = k_end
@@ -236,22 +259,13 @@ def _dq_loop(dq, q, do, lse, delta, Kb, Vb, skn, skd, svn, svd, offs_m, offs_d, 
              MASKED: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr):
     for s in range(start, end, BN):
         offs_n = s + tl.arange(0, BN)
-        if GATHER:
-            pos = _sum_pos(offs_n, sl, sc, ss)
-            kin = offs_n < t_total
-        else:
-            pos = offs_n
-            kin = offs_n < n_eff
+        pos, kin = _key_rows(offs_n, n_eff, t_total, sl, sc, ss, GATHER)
         kT = tl.load(Kb + pos[None, :] * skn + offs_d[:, None] * skd, mask=kin[None, :], other=0.0)
         vT = tl.load(Vb + pos[None, :] * svn + offs_d[:, None] * svd, mask=kin[None, :], other=0.0)
         qk = _dot(q, kT, tl.zeros([q.shape[0], BN], dtype=tl.float32), F32)
         p = tl.exp2(qk * qk_scale - lse[:, None])
         if MASKED:
-            if GATHER:
-                ok = offs_n[None, :] < _sum_count(offs_m, sl, sc, ss, SUMMARY)[:, None]
-            else:
-                ok = _band_allowed(offs_m[:, None], offs_n[None, :], width, BAND, OFF)
-            p = tl.where(ok & kin[None, :], p, 0.0)
+            p = tl.where(_pairs_allowed(offs_m, offs_n, kin, width, sl, sc, ss, BAND, OFF, SUMMARY, GATHER), p, 0.0)
         dp = _dot(do, vT, tl.zeros([q.shape[0], BN], dtype=tl.float32), F32)
         ds = p * (dp - delta[:, None])
         dq = _dot(_cast(ds, kT.dtype, F32), tl.trans(kT), dq, F32)
@@ -474,12 +488,7 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, HEADS, STARTS,
             dq = tl.zeros([BM2, D], dtype=tl.float32)
             i_last = tl.minimum(i0 + BM2, n_eff) - 1
             if BAND != 0:
-                k_begin = (_band_first(i0, width, BAND) // BN2) * BN2
-                k_end = tl.cdiv(i_last - OFF + 1, BN2) * BN2
-                full_lo = tl.cdiv(_band_first(i_last, width, BAND), BN2) * BN2
-                full_hi = ((i0 - OFF + 1) // BN2) * BN2
-                full_lo = tl.minimum(tl.maximum(full_lo, k_begin), k_end)
-                full_hi = tl.minimum(tl.maximum(full_hi, full_lo), k_end)
+                k_begin, full_lo, full_hi, k_end = _band_key_tiles(i0, i_last, width, BAND, OFF, BN2)
                 dq = _dq_loop(dq, q, do, lse, delta, Kb, Vb, kn, skd, vn, svd, offs_m, offs_d, k_begin, full_lo,
                               n_eff, 0, qk_scale, width, sl, sc, ss, BAND, OFF, SUMMARY, False, True, BN2, F32)
                 dq = _dq_loop(dq, q, do, lse, delta, Kb, Vb, kn, skd, vn, svd, offs_m, offs_d, full_lo, full_hi,
