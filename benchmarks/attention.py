@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lightning_sparse.datamodules.base import atomic_write
+from lightning_sparse.atomic import atomic_write
 from lightning_sparse.kernels import Dense, Fixed, Pattern, Strided, sparse_attention
 from lightning_sparse.kernels import triton_backend as tb
 

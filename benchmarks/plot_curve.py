@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_sparse.datamodules.base import atomic_write
+from lightning_sparse.atomic import atomic_write
 
 
 def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float, float]]]:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import yaml
 
-from lightning_sparse.datamodules.base import atomic_write
+from lightning_sparse.atomic import atomic_write
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PAPER_CONFIGS = ("cifar10", "enwik8", "imagenet64", "audio_65k", "audio_262k", "audio_1m")

@@ -15,7 +15,6 @@ Sample layouts (the contract with the model):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import json
@@ -38,6 +37,8 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lightning_sparse.atomic import atomic_write, fsync_dir
 
 CHUNK = 1 << 20  # 1 MiB: large enough for fast hashing and copying, small enough for a smooth progress bar
 HASH_ALGORITHMS = ("md5", "sha1", "sha256")
@@ -66,42 +67,6 @@ def default_cache_dir() -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 # Atomic writes
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; some filesystems refuse to open a directory, which is harmless.
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, expected_size: int | None = None) -> Iterator[BinaryIO]:
-    """Open a temporary file next to `path` for binary writing; on success fsync it and rename it to `path`.
-
-    On any exception (or a final size different from `expected_size`) the temporary file is removed, so `path`
-    is either absent, the previous version, or complete.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        size = os.path.getsize(tmp)
-        if expected_size is not None and size != expected_size:
-            raise RuntimeError(f"wrote {size} bytes for {path}, expected {expected_size}; nothing was saved")
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -249,7 +214,7 @@ def download_url(
         time.sleep(retry_wait * attempt)
     verify_file(part, size=size, checksums=checksums, name=dest)
     os.replace(part, dest)
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     return dest
 
 
@@ -383,7 +348,7 @@ def safe_extract(archive: str | os.PathLike, dest_dir: str | os.PathLike, member
             elif target.exists() or target.is_symlink():
                 target.unlink()
             os.replace(entry, target)
-        _fsync_dir(dest_dir)
+        fsync_dir(dest_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest_dir
