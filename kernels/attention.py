@@ -20,10 +20,10 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pat
         )
     if not isinstance(pattern, Pattern):
         raise ValueError(f"pattern must be a lightning_sparse.kernels Pattern (e.g. Strided(128)), got {pattern!r}.")
-    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(
-            f"q, k, v must all be [batch, heads, n, head_dim] with the same shape; got {tuple(q.shape)}, "
-            f"{tuple(k.shape)}, {tuple(v.shape)}."
+            f"q and k must be [batch, heads, n, d_qk] with the same shape and v [batch, heads, n, d_v] with the same "
+            f"batch, heads and n; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
         )
     if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
         raise ValueError(f"q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}.")

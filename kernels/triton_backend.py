@@ -1,32 +1,27 @@
 """The ``triton`` backend: fused flash-style forward and backward kernels for every Sparse Transformer pattern.
 
 ``triton_attention(q, k, v, pattern, scale)`` validates its inputs (raising ``ValueError`` before any launch),
-looks up the cached launch plan of the pattern (:mod:`.block_tables`) and runs the kernels of
-:mod:`.triton_kernels` under an autograd function. Triton is imported only when a kernel is about to run, so
+looks up the cached launch plan of the pattern (:mod:`.launch_plan`), picks each launch's tiles (:mod:`.tiles`)
+and runs the kernels of :mod:`.triton_kernels` under an autograd function. Triton is imported only when a kernel is about to run, so
 ``import lightning_sparse`` works without it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from .attention import check_inputs
-from .block_tables import BAND_LOCAL, Launch, head_tables, launch_plan
+from .launch_plan import BAND_LOCAL, SUM_NONE, Launch, head_tables, launch_plan
 from .patterns import Pattern
+from .tiles import BwdTiles, FwdTiles, select_tiles
 
 HEAD_DIMS = (32, 64, 128)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-# Tile overrides for tests and tuning sweeps: keys "fwd" -> (BM, BN, warps, stages[, maxnreg[, one_loop]]) and
-# "bwd" -> (BM1, BN1, BM2, BN2, warps, stages[, maxnreg[, fused[, one_loop]]]), optionally narrowed to a layout
-# ("fwd:local", "bwd:strided", …: "local" is a natural-layout launch of a Local band alone) and a head dim
-# ("fwd:strided:d128"). maxnreg 0 = the compiler's choice; fused 1 = band launches run one program per tile of BN1
-# rows for its dQ and dK/dV (BM1, BN2 <= BN1), 0 = separate dK/dV and dQ programs; one_loop 1 = a band's key (or
-# query) tiles run in one masked loop instead of masked edges around an unmasked middle.
-TUNING: dict[str, tuple[int, ...]] = {}
+LOG2E = 1.4426950408889634  # the kernels use exp2
 
 _KERNELS: Any = None
 
@@ -54,12 +49,13 @@ def _interpreting() -> bool:
 
 def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float | None) -> float:
     check_inputs(q, k, v, pattern)
+    for name, d in (("query/key", q.shape[-1]), ("value", v.shape[-1])):
+        if d not in HEAD_DIMS:
+            raise ValueError(
+                f"backend='triton' supports {name} head widths in {HEAD_DIMS}, got {d}; pad the head dimension to one "
+                f"of them or use backend='torch'."
+            )
     d = q.shape[-1]
-    if d not in HEAD_DIMS:
-        raise ValueError(
-            f"backend='triton' supports head_dim in {HEAD_DIMS}, got head_dim={d}; pad the head dimension to one of "
-            f"them or use backend='torch'."
-        )
     if q.dtype not in DTYPES:
         raise ValueError(
             f"backend='triton' supports dtypes bfloat16, float16 and float32, got {q.dtype}; cast the inputs "
@@ -72,8 +68,8 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
             f"backend='triton' runs on CUDA tensors, got tensors on {q.device}; move them with .cuda(), use "
             f"backend='torch', or set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU."
         )
-    if q.numel() == 0:
-        raise ValueError(f"q, k, v must not be empty, got shape {tuple(q.shape)}.")
+    if q.numel() == 0 or v.numel() == 0:
+        raise ValueError(f"q, k, v must not be empty, got shapes {tuple(q.shape)}, {tuple(v.shape)}.")
     for name, t in (("q", q), ("k", k), ("v", v)):
         reach = (t.shape[2] - 1) * abs(t.stride(2)) + (t.shape[3] - 1) * abs(t.stride(3))
         if reach >= 2**31:
@@ -88,55 +84,24 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     return float(scale)
 
 
-def _pow2_at_most(x: int, cap: int, floor: int = 16) -> int:
-    return max(floor, min(cap, 1 << max(0, (x - 1).bit_length())))
-
-
 def _layout(launch: Launch) -> str:
+    """The tile table a launch uses: "strided" (strided order), "local" (a Local band alone), else "natural"."""
     if launch.stride > 1:
         return "strided"
-    return "local" if launch.band == BAND_LOCAL and launch.summary == 0 else "natural"
+    return "local" if launch.band == BAND_LOCAL and launch.summary == SUM_NONE else "natural"
 
 
-# 16-bit defaults per (kind, launch layout, head dim <= 64 or 128), from H200 sweeps (benchmarks/results/
-# KERNEL_NOTES.md): fwd -> (BM, BN, warps, stages, maxnreg, one_loop); bwd -> (BM1, BN1, BM2, BN2, warps, stages,
-# maxnreg, fused, one_loop). A local band wastes (BM + width) / width of its work, so it takes 64-row query tiles;
-# strided-layout sequences are short (n / stride rows), so tiles are capped at the sequence and their few key tiles
-# run in one pipelined loop. A register cap of 168 (128 at 8 warps) fits 3 (2) programs per multiprocessor without
-# spills (checked with the compiler's resource report); the fused band backward shares each diagonal block between
-# dQ and dK/dV.
-DEFAULTS: dict[tuple[str, str, int], tuple[int, ...]] = {
-    ("fwd", "local", 64): (64, 32, 4, 3, 0, 0),
-    ("fwd", "strided", 64): (64, 32, 4, 3, 0, 1),
-    ("fwd", "natural", 64): (128, 64, 8, 3, 128, 0),
-    ("fwd", "local", 128): (64, 64, 4, 3, 0, 0),
-    ("fwd", "strided", 128): (64, 64, 4, 3, 0, 0),
-    ("fwd", "natural", 128): (64, 64, 4, 3, 0, 0),
-    ("bwd", "local", 64): (32, 64, 64, 32, 4, 2, 168, 1, 0),
-    ("bwd", "strided", 64): (32, 64, 64, 32, 4, 2, 168, 1, 0),
-    ("bwd", "natural", 64): (32, 128, 128, 64, 8, 3, 128, 0, 0),
-    ("bwd", "local", 128): (32, 64, 64, 32, 4, 2, 0, 0, 0),
-    ("bwd", "strided", 128): (32, 64, 64, 32, 4, 2, 0, 0, 0),
-    ("bwd", "natural", 128): (32, 64, 64, 32, 4, 2, 0, 0, 0),
-}
-_F32_CONFIG = {"fwd": (64, 32, 4, 2, 0, 0), "bwd": (32, 32, 32, 32, 4, 2, 0, 0, 0)}
-
-
-def _config(kind: str, launch: Launch, d: int, dtype: torch.dtype, n_eff: int) -> tuple[int, ...]:
-    """Tiles, warps, pipeline stages, register cap (0: none), for 'bwd' the fused flag, and the one-loop flag.
-
-    Returns (BM, BN, warps, stages, maxnreg, one_loop) for 'fwd' and (BM1, BN1, BM2, BN2, warps, stages, maxnreg,
-    fused, one_loop) for 'bwd': a ``TUNING`` override if one matches, else ``DEFAULTS`` (float32 inputs: one
-    small-tile config). Tiles are capped at the launch's sequence length ``n_eff``.
-    """
-    layout = _layout(launch)
-    cfg = next((TUNING[k] for k in (f"{kind}:{layout}:d{d}", f"{kind}:{layout}", kind) if k in TUNING), None)
-    if cfg is None:
-        cfg = _F32_CONFIG[kind] if dtype == torch.float32 else DEFAULTS[(kind, layout, 64 if d <= 64 else 128)]
-    ntiles = 2 if kind == "fwd" else 4
-    tiles = tuple(_pow2_at_most(n_eff, t) for t in cfg[:ntiles])
-    extras = (*cfg[ntiles:], 0, 0, 0)  # maxnreg, fused and one_loop are optional in TUNING
-    return (*tiles, *extras[: 4 if kind == "fwd" else 5])
+def _config(kind: str, launch: Launch, d_qk: int, d_v: int, dtype: torch.dtype, n_eff: int) -> FwdTiles | BwdTiles:
+    """The tiles of one ``kind`` ("fwd" or "bwd") launch at head widths (d_qk, d_v): a :func:`.tiles.tile_override`
+    in force, else the defaults; capped at the launch's sequence length ``n_eff``. A fused backward runs only for
+    band-only launches, its steps capped at its tile."""
+    tiles = select_tiles(kind, _layout(launch), d_qk, d_v, dtype).capped(n_eff)
+    if kind == "bwd":
+        fused = tiles.fused and launch.summary == SUM_NONE
+        if fused:  # one program per tile of bn1 rows; its loops step by tiles that divide bn1
+            tiles = replace(tiles, bm1=min(tiles.bm1, tiles.bn1), bm2=tiles.bn1, bn2=min(tiles.bn2, tiles.bn1))
+        tiles = replace(tiles, fused=fused)
+    return tiles
 
 
 def _f32_dots(dtype: torch.dtype) -> bool:
@@ -144,75 +109,95 @@ def _f32_dots(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreting())
 
 
-def _reg_cap(maxnreg: int) -> dict[str, int]:
+def _launch_options(tiles: FwdTiles | BwdTiles) -> dict[str, int]:
     # a register cap lets more programs share a multiprocessor (Triton's `maxnreg` launch option)
-    return {"maxnreg": maxnreg} if maxnreg else {}
+    options = {"num_warps": tiles.warps, "num_stages": tiles.stages}
+    if tiles.maxnreg:
+        options["maxnreg"] = tiles.maxnreg
+    return options
 
 
 def _summary_tiles(launch: Launch, n: int, bn: int) -> int:
-    if launch.summary == 0:
+    if launch.summary == SUM_NONE:
         return 0
     sl, sc = launch.summary_stride, launch.summary_size
     most = max((n // sl) * sc + min(max(n % sl - s, 0), sc) for s in launch.starts)
     return -(-most // bn)
 
 
-def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: tuple[Launch, ...], scale: float):
+def _parts(launch: Launch) -> dict[str, Any]:
+    """The launch's part codes as the kernels' constexpr keywords."""
+    return {"BAND": launch.band, "OFF": launch.offset, "SUMMARY": launch.summary, "MERGE": launch.merge}
+
+
+def _forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: tuple[Launch, ...], scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the plan's forward launches: out ``[b, h, n, d_v]`` in the inputs' dtype and the base-2 LSE
+    ``[b, h, n]`` in float32 (-inf for rows that see no key)."""
     kern = _kernels()
-    b, h, n, d = q.shape
-    out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
+    b, h, n, d_qk = q.shape
+    d_v = v.shape[-1]
+    out = torch.empty((b, h, n, d_v), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
-    qk_scale = scale * 1.4426950408889634  # log2(e): the kernels use exp2
     f32 = _f32_dots(q.dtype)
     for launch in plan:
         heads, starts = head_tables(launch, q.device)
         groups = min(launch.stride, n)  # residue classes past n are empty; each class below n has one row then
         n_eff = -(-n // groups)
-        bm, bn, warps, stages, maxnreg, one_loop = _config("fwd", launch, d, q.dtype, n_eff)
-        grid = (-(-n_eff // bm) * groups, b * len(launch.heads))
+        t = _config("fwd", launch, d_qk, d_v, q.dtype, n_eff)
+        grid = (-(-n_eff // t.bm) * groups, b * len(launch.heads))
         kern._fwd_kernel[grid](
             q, k, v, out, lse, heads, starts,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            n, h, len(launch.heads), groups, qk_scale, launch.width, launch.summary_stride, launch.summary_size,
-            BAND=launch.band, OFF=launch.offset, SUMMARY=launch.summary, MERGE=launch.merge,
-            D=d, BM=bm, BN=bn, ONE_LOOP=bool(one_loop), F32=f32, num_warps=warps, num_stages=stages,
-            **_reg_cap(maxnreg),
+            n, h, len(launch.heads), groups, scale * LOG2E, launch.width, launch.summary_stride, launch.summary_size,
+            **_parts(launch), DQK=d_qk, DV=d_v, BM=t.bm, BN=t.bn, ONE_LOOP=t.one_loop, F32=f32,
+            **_launch_options(t),
         )  # fmt: skip
     return out, lse
 
 
-def _backward(q, k, v, out, lse, do, plan: tuple[Launch, ...], scale: float):
+def _backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    do: torch.Tensor,
+    plan: tuple[Launch, ...],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the plan's backward launches (after one delta = rowsum(dO·O) pass): dq, dk ``[b, h, n, d_qk]`` and
+    dv ``[b, h, n, d_v]`` in the inputs' dtype."""
     kern = _kernels()
-    b, h, n, d = q.shape
+    b, h, n, d_qk = q.shape
+    d_v = v.shape[-1]
     delta = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
     kern._delta_kernel[(-(-n // 64), b * h)](
-        out, do, delta, *out.stride(), *do.stride(), n, h, D=d, BM=64, num_warps=4
+        out, do, delta, *out.stride(), *do.stride(), n, h, DV=d_v, BM=64, num_warps=4
     )
-    grads = torch.empty((3, b, h, n, d), dtype=q.dtype, device=q.device)
-    dq, dk, dv = grads[0], grads[1], grads[2]
-    qk_scale = scale * 1.4426950408889634
+    grad_qk = torch.empty((2, b, h, n, d_qk), dtype=q.dtype, device=q.device)
+    dq, dk = grad_qk[0], grad_qk[1]
+    dv = torch.empty((b, h, n, d_v), dtype=q.dtype, device=q.device)
     f32 = _f32_dots(q.dtype)
     for launch in plan:
         heads, starts = head_tables(launch, q.device)
         groups = min(launch.stride, n)
         n_eff = -(-n // groups)
-        bm1, bn1, bm2, bn2, warps, stages, maxnreg, fused, one_loop = _config("bwd", launch, d, q.dtype, n_eff)
-        fused = bool(fused) and launch.summary == 0
-        nks = _summary_tiles(launch, n, bn1)
-        if fused:  # one program per tile of bn1 rows; its loops step by tiles that divide bn1
-            bm1, bm2, bn2 = min(bm1, bn1), bn1, min(bn2, bn1)
-            programs = -(-n_eff // bn1)
+        t = _config("bwd", launch, d_qk, d_v, q.dtype, n_eff)
+        nks = _summary_tiles(launch, n, t.bn1)
+        if t.fused:
+            programs = -(-n_eff // t.bn1)
         else:
-            programs = -(-n_eff // bn1) + nks + -(-n_eff // bm2)
+            programs = -(-n_eff // t.bn1) + nks + -(-n_eff // t.bm2)
         grid = (programs * groups, b * len(launch.heads))
         kern._bwd_kernel[grid](
             q, k, v, do, dq, dk, dv, lse, delta, heads, starts,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-            n, h, len(launch.heads), groups, qk_scale, scale, launch.width, launch.summary_stride,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *dv.stride(),
+            n, h, len(launch.heads), groups, scale * LOG2E, scale, launch.width, launch.summary_stride,
             launch.summary_size, nks,
-            BAND=launch.band, OFF=launch.offset, SUMMARY=launch.summary, MERGE=launch.merge,
-            D=d, BM1=bm1, BN1=bn1, BM2=bm2, BN2=bn2, FUSED=fused, ONE_LOOP=bool(one_loop), F32=f32,
-            num_warps=warps, num_stages=stages, **_reg_cap(maxnreg),
+            **_parts(launch), DQK=d_qk, DV=d_v, BM1=t.bm1, BN1=t.bn1, BM2=t.bm2, BN2=t.bn2, FUSED=t.fused,
+            ONE_LOOP=t.one_loop, F32=f32, **_launch_options(t),
         )  # fmt: skip
     return dq, dk, dv
 
@@ -238,9 +223,9 @@ def triton_attention(
 ) -> torch.Tensor:
     """Sparse causal attention of ``pattern`` with the fused Triton kernels; differentiable in q, k, v.
 
-    Inputs are ``[batch, heads, n, head_dim]`` (any strides) with head_dim 32, 64 or 128 and dtype bfloat16,
-    float16 or float32, on CUDA (or on the CPU under ``TRITON_INTERPRET=1``). ``scale`` defaults to
-    ``1/sqrt(head_dim)``. Rows that see no key (possible only for standalone parts such as ``FixedSummary``)
+    q, k are ``[batch, heads, n, d_qk]`` and v ``[batch, heads, n, d_v]`` (any strides; d_qk, d_v each 32, 64 or
+    128), dtype bfloat16, float16 or float32, on CUDA (or on the CPU under ``TRITON_INTERPRET=1``); the result is
+    ``[batch, heads, n, d_v]``. ``scale`` defaults to ``1/sqrt(d_qk)``. Rows that see no key (possible only for standalone parts such as ``FixedSummary``)
     give zeros.
     """
     scale = _validate(q, k, v, pattern, scale)

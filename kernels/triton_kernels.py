@@ -2,28 +2,38 @@
 
 One kernel family serves every pattern. A launch works on *groups* of rows: group ``g`` holds the rows
 ``g, g + G, g + 2G, …`` of the sequence (``G = 1``: the natural layout; ``G = stride``: the strided layout of
-kernels.md §0, where every residue class mod the stride is one contiguous causal sequence). Inside a group the
-local index ``i`` of a row is its position divided by ``G``, and rows are reached by address arithmetic (row
-stride ``G · stride_n``); nothing is copied. Each launch computes up to two disjoint parts in one online softmax:
+kernels.md §0, where every residue class mod the stride is one contiguous causal sequence). Rows are reached by
+address arithmetic (row stride ``G · stride_n``); nothing is copied. Each launch computes up to two disjoint parts
+in one online softmax: a *band* (query ``i`` sees keys ``L(i) <= j <= i - OFF``) and, in the natural layout only, a
+*summary* (the ``sc`` cells starting at ``ss`` of every block of ``sl`` positions, gathered into dense key tiles by
+address arithmetic). Key tiles that need an element mask (band edges, the diagonal, the last summary tile) run
+masked, the others unmasked. A merged pattern whose parts live in different layouts (Strided = local band in the
+natural layout + causal band in the strided layout) runs one launch per layout; the later one starts its online
+softmax from the earlier one's output and log-sum-exp (``MERGE``): the exact log-sum-exp merge of the parts.
 
-* a *band*: query ``i`` sees keys ``L(i) <= j <= i - OFF`` (``BAND``: 1 causal, 2 local window, 3 own fixed
-  block); the strided part is the causal band of the strided layout (``OFF = 1`` drops ``j = i``);
-* a *summary* (natural layout only): the ``sc`` cells starting at ``ss`` of every block of ``sl`` positions,
-  gathered into dense key tiles by address arithmetic (key index ``t`` sits at ``(t // sc)·sl + ss + t % sc``);
-  ``SUMMARY``: 1 cells at or before the query, 2 cells of earlier blocks only.
+Backward: ``_delta_kernel`` computes ``delta = rowsum(dO·O)``, then one ``_bwd_kernel`` launch per forward launch.
+Its programs take one of four roles (one @triton.jit function each): ``_bwd_band_tile`` (``FUSED`` band-only
+launches: dQ and dK/dV of one tile of rows, the diagonal block computed once for both), or, split by program id,
+``_bwd_band_keys`` (dK/dV of a band key tile), ``_bwd_summary_keys`` (dK/dV of a gathered summary key tile, both of
+its parts) and ``_bwd_queries`` (dQ of a query tile). Every gradient row has exactly one writer: deterministic, no
+atomics. With ``MERGE`` the results are added to the gradients the previous launch wrote.
 
-Key tiles are split into those that need an element mask (band edges, the diagonal, the last summary tile) and
-full ones that run unmasked. A merged pattern whose parts live in different layouts (Strided = local band in the
-natural layout + strided band in the strided layout) runs one launch per layout; the later one starts its online
-softmax from the earlier one's output and log-sum-exp (``MERGE``), which is the log-sum-exp merge of the parts.
-Scores use ``exp2`` with ``scale·log2(e)`` folded in; the saved LSE is in base 2.
-
-Backward: ``_delta_kernel`` computes ``delta = rowsum(dO·O)``, then one launch of ``_bwd_kernel`` per launch of
-the forward. With a summary part its programs split by id into band dK/dV (key-stationary), summary dK/dV
-(key-stationary over gathered key tiles) and dQ (query-stationary) programs. Band-only launches can instead run
-``FUSED``: one program per tile of rows computes the tile's dQ (earlier key tiles) and dK/dV (later query tiles) and
-the diagonal block once for both (``_bwd_tile``). Every output row is written by exactly one program:
-deterministic, no atomics. With ``MERGE`` the results are added to the gradients the previous launch wrote.
+Notation
+--------
+``G``/``groups``  row groups of the launch; ``grp`` a program's group; ``i``, ``j`` query/key index inside it
+                  (sequence position ``grp + i·G``); ``n_eff`` the group's row count.
+``BAND``          ``BAND_CAUSAL``: ``j <= i - OFF``; ``BAND_LOCAL``: also ``j > i - width``; ``BAND_FIXED``: also
+                  ``j // width == i // width``. ``L(i)`` the first key of query i's band, ``U(j)`` the last query
+                  whose band holds key j.
+``SUMMARY``       ``SUM_UPTO``: the summary cells at or before the query; ``SUM_PREV``: those of earlier blocks.
+                  ``t`` a gathered summary key index (position ``(t // sc)·sl + ss + t % sc``), ``t_total`` their
+                  count; a query sees the first ``_sum_count(i)`` of them.
+``DQK``, ``DV``   widths of the q/k rows and of the v/output rows.
+``BM``, ``BN``    forward: query rows per program, keys per step.
+``BN1``, ``BM1``  key-stationary programs: key rows per program, queries per step (``BT = BN1`` rows when fused).
+``BM2``, ``BN2``  query-stationary programs: query rows per program, keys per step.
+``qk_scale``      ``scale·log2(e)``: scores use ``exp2``; the saved LSE is in base 2.
+``F32``           exact float32 dots (float32 inputs, and bf16 under the CPU interpreter, whose bf16 dot is wrong).
 """
 
 from __future__ import annotations
@@ -31,13 +41,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-BAND_NONE, BAND_CAUSAL, BAND_LOCAL, BAND_FIXED = 0, 1, 2, 3
-SUM_NONE, SUM_UPTO, SUM_PREV = 0, 1, 2
+from . import launch_plan as _plan
+
+# The part codes, defined once in the launch planner, as constexpr globals the jit code can read.
+BAND_NONE = tl.constexpr(_plan.BAND_NONE)
+BAND_CAUSAL = tl.constexpr(_plan.BAND_CAUSAL)
+BAND_LOCAL = tl.constexpr(_plan.BAND_LOCAL)
+BAND_FIXED = tl.constexpr(_plan.BAND_FIXED)
+SUM_NONE = tl.constexpr(_plan.SUM_NONE)
+SUM_UPTO = tl.constexpr(_plan.SUM_UPTO)
+SUM_PREV = tl.constexpr(_plan.SUM_PREV)
+
+
+# ---------------------------------------------------------------- numerics
 
 
 @triton.jit
 def _dot(a, b, acc, F32: tl.constexpr):
-    # F32: exact float32 products (fp32 inputs, and bf16 under the CPU interpreter whose bf16 dot is wrong).
     if F32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
@@ -46,8 +66,8 @@ def _dot(a, b, acc, F32: tl.constexpr):
 
 @triton.jit
 def _cast(x, dtype: tl.constexpr, F32: tl.constexpr):
-    """Round float32 ``x`` to ``dtype`` to nearest-even (done by hand for bf16 under the CPU interpreter,
-    whose float32 -> bf16 conversion truncates; F32 with a bf16 target happens only there)."""
+    """Round float32 ``x`` to ``dtype`` to nearest-even (done by hand for bf16 under the CPU interpreter, whose
+    float32 -> bf16 conversion truncates; F32 with a bf16 target happens only there)."""
     if F32 and dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
@@ -55,12 +75,51 @@ def _cast(x, dtype: tl.constexpr, F32: tl.constexpr):
     return x.to(dtype)
 
 
+# ---------------------------------------------------------------- rows in memory
+
+
+@triton.jit
+def _load_rows(base, rows, row_stride, col_stride, ok, W: tl.constexpr):
+    """[len(rows), W] tile of a row-major matrix; zeros where ``ok`` is false."""
+    cols = tl.arange(0, W)
+    return tl.load(base + rows[:, None] * row_stride + cols[None, :] * col_stride, mask=ok[:, None], other=0.0)
+
+
+@triton.jit
+def _load_rows_t(base, rows, row_stride, col_stride, ok, W: tl.constexpr):
+    """The same tile transposed: [W, len(rows)]."""
+    cols = tl.arange(0, W)
+    return tl.load(base + rows[None, :] * row_stride + cols[:, None] * col_stride, mask=ok[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(base, rows, row_stride, col_stride, ok, x, W: tl.constexpr, MERGE: tl.constexpr, F32: tl.constexpr):
+    """Store float32 ``x`` ([len(rows), W]) in the tensor's dtype, added to what is there when MERGE."""
+    cols = tl.arange(0, W)
+    ptr = base + rows[:, None] * row_stride + cols[None, :] * col_stride
+    if MERGE:
+        x += tl.load(ptr, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(ptr, _cast(x, base.dtype.element_ty, F32), mask=ok[:, None])
+
+
+@triton.jit
+def _load_stats(LSEb, DELb, rows, stride, ok):
+    """LSE and delta of query rows; rows that see no key (LSE -inf) and rows past the end get LSE +inf, so p = 0."""
+    lse = tl.load(LSEb + rows * stride, mask=ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(DELb + rows * stride, mask=ok, other=0.0)
+    return lse, delta
+
+
+# ---------------------------------------------------------------- the parts in closed form
+
+
 @triton.jit
 def _band_first(i, width, BAND: tl.constexpr):
     """L(i): the first key of query i's band."""
-    if BAND == 2:
+    if BAND == BAND_LOCAL:
         return tl.maximum(i - width + 1, 0)
-    elif BAND == 3:
+    elif BAND == BAND_FIXED:
         return (i // width) * width
     else:
         return i * 0
@@ -69,9 +128,9 @@ def _band_first(i, width, BAND: tl.constexpr):
 @triton.jit
 def _band_last_query(j, width, n_eff, BAND: tl.constexpr):
     """U(j): the last query whose band holds key j (inclusive)."""
-    if BAND == 2:
+    if BAND == BAND_LOCAL:
         return tl.minimum(j + width - 1, n_eff - 1)
-    elif BAND == 3:
+    elif BAND == BAND_FIXED:
         return tl.minimum((j // width + 1) * width - 1, n_eff - 1)
     else:
         return n_eff - 1
@@ -80,9 +139,9 @@ def _band_last_query(j, width, n_eff, BAND: tl.constexpr):
 @triton.jit
 def _band_allowed(i, j, width, BAND: tl.constexpr, OFF: tl.constexpr):
     ok = j <= i - OFF
-    if BAND == 2:
+    if BAND == BAND_LOCAL:
         ok = ok & (j > i - width)
-    if BAND == 3:
+    if BAND == BAND_FIXED:
         ok = ok & ((j // width) == (i // width))
     return ok
 
@@ -104,7 +163,7 @@ def _band_key_tiles(i0, i_last, width, BAND: tl.constexpr, OFF: tl.constexpr, BN
 def _sum_count(i, sl, sc, ss, SUMMARY: tl.constexpr):
     """How many summary keys query i sees (they are the first ones in gathered order)."""
     c = (i // sl) * sc
-    if SUMMARY == 1:
+    if SUMMARY == SUM_UPTO:
         c += tl.minimum(tl.maximum(i % sl - ss + 1, 0), sc)
     return c
 
@@ -130,7 +189,7 @@ def _key_rows(offs_n, n_eff, t_total, sl, sc, ss, GATHER: tl.constexpr):
 @triton.jit
 def _pairs_allowed(offs_m, offs_n, kin, width, sl, sc, ss,
                    BAND: tl.constexpr, OFF: tl.constexpr, SUMMARY: tl.constexpr, GATHER: tl.constexpr):
-    """[queries, keys] mask of the allowed pairs of a masked tile (summary keys: the first ones in gathered order)."""
+    """[queries, keys] mask of the allowed pairs of a masked tile of one part (GATHER: the summary part)."""
     if GATHER:
         ok = offs_n[None, :] < _sum_count(offs_m, sl, sc, ss, SUMMARY)[:, None]
     else:
@@ -138,19 +197,24 @@ def _pairs_allowed(offs_m, offs_n, kin, width, sl, sc, ss,
     return ok & kin[None, :]
 
 
+# ---------------------------------------------------------------- forward
+
+
 @triton.jit
-def _fwd_loop(acc, m_i, l_i, q, Kb, Vb, skn, skd, svn, svd, offs_m, offs_d, start, end, n_eff, t_total,
+def _fwd_loop(acc, m_i, l_i, q, Kb, Vb, kn, skd, vn, svd, offs_m, start, end, n_eff, t_total,
               qk_scale, width, sl, sc, ss,
               BAND: tl.constexpr, OFF: tl.constexpr, SUMMARY: tl.constexpr, GATHER: tl.constexpr,
-              MASKED: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr):
+              MASKED: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr):
+    """Online softmax of the query tile over key tiles [start, end) of one part, BN keys a step."""
     for s in range(start, end, BN):
         offs_n = s + tl.arange(0, BN)
-        pos, kin = _key_rows(offs_n, n_eff, t_total, sl, sc, ss, GATHER)
-        k = tl.load(Kb + pos[None, :] * skn + offs_d[:, None] * skd, mask=kin[None, :], other=0.0)
-        v = tl.load(Vb + pos[:, None] * svn + offs_d[None, :] * svd, mask=kin[:, None], other=0.0)
-        qk = _dot(q, k, tl.zeros([q.shape[0], BN], dtype=tl.float32), F32) * qk_scale
+        pos, kin = _key_rows(offs_n, n_eff, t_total, sl, sc, ss, GATHER=GATHER)
+        kT = _load_rows_t(Kb, pos, kn, skd, kin, W=DQK)
+        v = _load_rows(Vb, pos, vn, svd, kin, W=DV)
+        qk = _dot(q, kT, tl.zeros([q.shape[0], BN], dtype=tl.float32), F32=F32) * qk_scale
         if MASKED:
-            ok = _pairs_allowed(offs_m, offs_n, kin, width, sl, sc, ss, BAND, OFF, SUMMARY, GATHER)
+            ok = _pairs_allowed(offs_m, offs_n, kin, width, sl, sc, ss,
+                                BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, GATHER=GATHER)
             qk = tl.where(ok, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -160,8 +224,44 @@ def _fwd_loop(acc, m_i, l_i, q, Kb, Vb, skn, skd, svn, svd, offs_m, offs_d, star
         p = tl.exp2(qk - m_sub[:, None])
         alpha = tl.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _dot(_cast(p, v.dtype, F32), v, acc * alpha[:, None], F32)
+        acc = _dot(_cast(p, v.dtype, F32=F32), v, acc * alpha[:, None], F32=F32)
         m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_band(acc, m_i, l_i, q, Kb, Vb, kn, skd, vn, svd, offs_m, i0, i_last, n_eff, qk_scale, width,
+              BAND: tl.constexpr, OFF: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
+              ONE_LOOP: tl.constexpr, F32: tl.constexpr):
+    """The band part: masked head, unmasked middle, masked tail (ONE_LOOP: all of it in the first, masked loop)."""
+    k_begin, full_lo, full_hi, k_end = _band_key_tiles(i0, i_last, width, BAND=BAND, OFF=OFF, BN=BN)
+    if ONE_LOOP:
+        full_lo = k_end
+        full_hi = k_end
+    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, Kb, Vb, kn, skd, vn, svd, offs_m, k_begin, full_lo, n_eff, 0,
+                              qk_scale, width, 1, 1, 0, BAND=BAND, OFF=OFF, SUMMARY=SUM_NONE, GATHER=False,
+                              MASKED=True, DQK=DQK, DV=DV, BN=BN, F32=F32)
+    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, Kb, Vb, kn, skd, vn, svd, offs_m, full_lo, full_hi, n_eff, 0,
+                              qk_scale, width, 1, 1, 0, BAND=BAND, OFF=OFF, SUMMARY=SUM_NONE, GATHER=False,
+                              MASKED=False, DQK=DQK, DV=DV, BN=BN, F32=F32)
+    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, Kb, Vb, kn, skd, vn, svd, offs_m, full_hi, k_end, n_eff, 0,
+                              qk_scale, width, 1, 1, 0, BAND=BAND, OFF=OFF, SUMMARY=SUM_NONE, GATHER=False,
+                              MASKED=True, DQK=DQK, DV=DV, BN=BN, F32=F32)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_summary(acc, m_i, l_i, q, Kb, Vb, kn, skd, vn, svd, offs_m, i0, i_last, n_eff, qk_scale, sl, sc, ss,
+                 SUMMARY: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr):
+    """The summary part: gathered key tiles every query of the tile sees in full, then a masked last stretch."""
+    t_full = (_sum_count(i0, sl, sc, ss, SUMMARY=SUMMARY) // BN) * BN
+    t_hi = _sum_count(i_last, sl, sc, ss, SUMMARY=SUMMARY)
+    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, Kb, Vb, kn, skd, vn, svd, offs_m, 0, t_full, n_eff, t_hi,
+                              qk_scale, 1, sl, sc, ss, BAND=BAND_NONE, OFF=0, SUMMARY=SUMMARY, GATHER=True,
+                              MASKED=False, DQK=DQK, DV=DV, BN=BN, F32=F32)
+    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, Kb, Vb, kn, skd, vn, svd, offs_m, t_full, t_hi, n_eff, t_hi,
+                              qk_scale, 1, sl, sc, ss, BAND=BAND_NONE, OFF=0, SUMMARY=SUMMARY, GATHER=True,
+                              MASKED=True, DQK=DQK, DV=DV, BN=BN, F32=F32)
     return acc, m_i, l_i
 
 
@@ -170,9 +270,11 @@ def _fwd_kernel(Q, K, V, Out, LSE, HEADS, STARTS,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                 n, H, HL, groups, qk_scale, width, sl, sc,
                 BAND: tl.constexpr, OFF: tl.constexpr, SUMMARY: tl.constexpr, MERGE: tl.constexpr,
-                D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ONE_LOOP: tl.constexpr, F32: tl.constexpr):
-    # ONE_LOOP: the band's key tiles run in one masked loop (one software pipeline, better for short bands and
-    # chains) instead of a masked head, an unmasked middle and a masked tail.
+                DQK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                ONE_LOOP: tl.constexpr, F32: tl.constexpr):
+    """Out and LSE of one tile of BM query rows of one (batch, head) for the launch's parts."""
+    tl.static_assert(BAND != BAND_NONE or SUMMARY != SUM_NONE, "a launch computes at least one part")
+    tl.static_assert(DQK >= 16 and DV >= 16 and BN >= 16, "tl.dot needs inner sizes of at least 16")
     pid0 = tl.program_id(0)
     pid_bh = tl.program_id(1)
     grp = pid0 % groups
@@ -185,203 +287,300 @@ def _fwd_kernel(Q, K, V, Out, LSE, HEADS, STARTS,
         hl = pid_bh % HL
         h = tl.load(HEADS + hl)
         ss = tl.load(STARTS + hl)
-        # rows of group grp: position = grp + i * groups
         Qb = Q + b * sqb + h * sqh + grp * sqn
         Kb = K + b * skb + h * skh + grp * skn
         Vb = V + b * svb + h * svh + grp * svn
         Ob = Out + b * sob + h * soh + grp * son
         LSEb = LSE + (b * H + h) * n + grp
-        qn = sqn * groups
-        kn = skn * groups
-        vn = svn * groups
-        on = son * groups
         offs_m = i0 + tl.arange(0, BM)
-        offs_d = tl.arange(0, D)
         qin = offs_m < n_eff
-        q = tl.load(Qb + offs_m[:, None] * qn + offs_d[None, :] * sqd, mask=qin[:, None], other=0.0)
+        q = _load_rows(Qb, offs_m, sqn * groups, sqd, qin, W=DQK)
         if MERGE:
             # the previous launch's part acts as one virtual key: score = its LSE, value = its output
-            prev = tl.load(LSEb + offs_m * groups, mask=qin, other=float("-inf"))
-            m_i = prev
-            l_i = tl.where(prev == float("-inf"), 0.0, 1.0)
-            acc = tl.load(Ob + offs_m[:, None] * on + offs_d[None, :] * sod, mask=qin[:, None], other=0.0)
-            acc = acc.to(tl.float32)
+            m_i = tl.load(LSEb + offs_m * groups, mask=qin, other=float("-inf"))
+            l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
+            acc = _load_rows(Ob, offs_m, son * groups, sod, qin, W=DV).to(tl.float32)
         else:
             m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
             l_i = tl.zeros([BM], dtype=tl.float32)
-            acc = tl.zeros([BM, D], dtype=tl.float32)
+            acc = tl.zeros([BM, DV], dtype=tl.float32)
         i_last = tl.minimum(i0 + BM, n_eff) - 1
-        if BAND != 0:
-            k_begin, full_lo, full_hi, k_end = _band_key_tiles(i0, i_last, width, BAND, OFF, BN)
-            if ONE_LOOP:
-                full_lo = k_end
-                full_hi = k_end
-            acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, Kb, Vb, kn, skd, vn, svd, offs_m, offs_d, k_begin, full_lo,
-                                      n_eff, 0, qk_scale, width, sl, sc, ss, BAND, OFF, SUMMARY, False, True, BN, F32)
-            acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, Kb, Vb, kn, skd, vn, svd, offs_m, offs_d, full_lo, full_hi,
-                                      n_eff, 0, qk_scale, width, sl, sc, ss, BAND, OFF, SUMMARY, False, False, BN, F32)
-            acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, Kb, Vb, kn, skd, vn, svd, offs_m, offs_d, full_hi, k_end,
-                                      n_eff, 0, qk_scale, width, sl, sc, ss, BAND, OFF, SUMMARY, False, True, BN, F32)
-        if SUMMARY != 0:
-            t_full = (_sum_count(i0, sl, sc, ss, SUMMARY) // BN) * BN
-            t_hi = _sum_count(i_last, sl, sc, ss, SUMMARY)
-            acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, Kb, Vb, kn, skd, vn, svd, offs_m, offs_d, 0, t_full,
-                                      n_eff, t_hi, qk_scale, width, sl, sc, ss, BAND, OFF, SUMMARY, True, False, BN, F32)
-            acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, Kb, Vb, kn, skd, vn, svd, offs_m, offs_d, t_full, t_hi,
-                                      n_eff, t_hi, qk_scale, width, sl, sc, ss, BAND, OFF, SUMMARY, True, True, BN, F32)
+        if BAND != BAND_NONE:
+            acc, m_i, l_i = _fwd_band(acc, m_i, l_i, q, Kb, Vb, skn * groups, skd, svn * groups, svd, offs_m, i0,
+                                      i_last, n_eff, qk_scale, width,
+                                      BAND=BAND, OFF=OFF, DQK=DQK, DV=DV, BN=BN, ONE_LOOP=ONE_LOOP, F32=F32)
+        if SUMMARY != SUM_NONE:
+            acc, m_i, l_i = _fwd_summary(acc, m_i, l_i, q, Kb, Vb, skn * groups, skd, svn * groups, svd, offs_m, i0,
+                                         i_last, n_eff, qk_scale, sl, sc, ss,
+                                         SUMMARY=SUMMARY, DQK=DQK, DV=DV, BN=BN, F32=F32)
         empty = l_i == 0.0  # rows that see no key: output 0, LSE -inf
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-        tl.store(Ob + offs_m[:, None] * on + offs_d[None, :] * sod, _cast(out, Out.dtype.element_ty, F32), mask=qin[:, None])
+        _store_rows(Ob, offs_m, son * groups, sod, qin, out, W=DV, MERGE=False, F32=F32)
         tl.store(LSEb + offs_m * groups, lse, mask=qin)
+
+
+# ---------------------------------------------------------------- backward
 
 
 @triton.jit
 def _delta_kernel(Out, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, n, H,
-                  D: tl.constexpr, BM: tl.constexpr):
+                  DV: tl.constexpr, BM: tl.constexpr):
+    """delta = rowsum(dO · O) of BM rows of one (batch, head)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_m = pid * BM + tl.arange(0, BM)
-    offs_d = tl.arange(0, D)
     rin = offs_m < n
-    o = tl.load(Out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=rin[:, None], other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=rin[:, None], other=0.0)
+    o = _load_rows(Out + b * sob + h * soh, offs_m, son, sod, rin, W=DV)
+    do = _load_rows(DO + b * sdb + h * sdh, offs_m, sdn, sdd, rin, W=DV)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh * n + offs_m, delta, mask=rin)
 
 
 @triton.jit
-def _dq_loop(dq, q, do, lse, delta, Kb, Vb, skn, skd, svn, svd, offs_m, offs_d, start, end, n_eff, t_total,
+def _dq_loop(dq, q, do, lse, delta, Kb, Vb, kn, skd, vn, svd, offs_m, start, end, n_eff, t_total,
              qk_scale, width, sl, sc, ss,
              BAND: tl.constexpr, OFF: tl.constexpr, SUMMARY: tl.constexpr, GATHER: tl.constexpr,
-             MASKED: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr):
+             MASKED: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr):
+    """dQ of the query tile (unscaled) from key tiles [start, end) of one part, BN keys a step."""
     for s in range(start, end, BN):
         offs_n = s + tl.arange(0, BN)
-        pos, kin = _key_rows(offs_n, n_eff, t_total, sl, sc, ss, GATHER)
-        kT = tl.load(Kb + pos[None, :] * skn + offs_d[:, None] * skd, mask=kin[None, :], other=0.0)
-        vT = tl.load(Vb + pos[None, :] * svn + offs_d[:, None] * svd, mask=kin[None, :], other=0.0)
-        qk = _dot(q, kT, tl.zeros([q.shape[0], BN], dtype=tl.float32), F32)
+        pos, kin = _key_rows(offs_n, n_eff, t_total, sl, sc, ss, GATHER=GATHER)
+        kT = _load_rows_t(Kb, pos, kn, skd, kin, W=DQK)
+        vT = _load_rows_t(Vb, pos, vn, svd, kin, W=DV)
+        qk = _dot(q, kT, tl.zeros([q.shape[0], BN], dtype=tl.float32), F32=F32)
         p = tl.exp2(qk * qk_scale - lse[:, None])
         if MASKED:
-            p = tl.where(_pairs_allowed(offs_m, offs_n, kin, width, sl, sc, ss, BAND, OFF, SUMMARY, GATHER), p, 0.0)
-        dp = _dot(do, vT, tl.zeros([q.shape[0], BN], dtype=tl.float32), F32)
+            ok = _pairs_allowed(offs_m, offs_n, kin, width, sl, sc, ss,
+                                BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, GATHER=GATHER)
+            p = tl.where(ok, p, 0.0)
+        dp = _dot(do, vT, tl.zeros([q.shape[0], BN], dtype=tl.float32), F32=F32)
         ds = p * (dp - delta[:, None])
-        dq = _dot(_cast(ds, kT.dtype, F32), tl.trans(kT), dq, F32)
+        dq = _dot(_cast(ds, kT.dtype, F32=F32), tl.trans(kT), dq, F32=F32)
     return dq
 
 
 @triton.jit
-def _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, lsen, offs_n, pos, offs_d, start, end,
+def _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, lsen, offs_n, pos, start, end,
                n_eff, qk_scale, width, sl, sc, ss,
                BAND: tl.constexpr, OFF: tl.constexpr, SUMMARY: tl.constexpr, MASKED: tl.constexpr,
-               BM: tl.constexpr, F32: tl.constexpr):
-    # offs_n: key index in the key tile's own order (gathered index t for summary tiles); pos: its row
+               DQK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, F32: tl.constexpr):
+    """dK (unscaled), dV of the key tile from query tiles [start, end), BM queries a step. ``offs_n``: the keys'
+    indices in the tile's own order (gathered index t for summary tiles); ``pos``: their rows. A masked step of a
+    summary tile (SUMMARY) allows the summary pairs and, with a band, the band pairs of the same keys."""
     for s in range(start, end, BM):
         offs_m = s + tl.arange(0, BM)
         qin = offs_m < n_eff
-        qT = tl.load(Qb + offs_m[None, :] * qn + offs_d[:, None] * sqd, mask=qin[None, :], other=0.0)
-        do = tl.load(DOb + offs_m[:, None] * don + offs_d[None, :] * sdod, mask=qin[:, None], other=0.0)
-        lse = tl.load(LSEb + offs_m * lsen, mask=qin, other=float("inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
-        delta = tl.load(DELb + offs_m * lsen, mask=qin, other=0.0)
-        qkT = _dot(k, qT, tl.zeros([k.shape[0], BM], dtype=tl.float32), F32)
+        qT = _load_rows_t(Qb, offs_m, qn, sqd, qin, W=DQK)
+        do = _load_rows(DOb, offs_m, don, sdod, qin, W=DV)
+        lse, delta = _load_stats(LSEb, DELb, offs_m, lsen, qin)
+        qkT = _dot(k, qT, tl.zeros([k.shape[0], BM], dtype=tl.float32), F32=F32)
         pT = tl.exp2(qkT * qk_scale - lse[None, :])
         if MASKED:
-            if SUMMARY != 0:
-                ok = offs_n[:, None] < _sum_count(offs_m, sl, sc, ss, SUMMARY)[None, :]
-                if BAND != 0:
-                    ok = ok | _band_allowed(offs_m[None, :], pos[:, None], width, BAND, OFF)
+            if SUMMARY != SUM_NONE:
+                ok = offs_n[:, None] < _sum_count(offs_m, sl, sc, ss, SUMMARY=SUMMARY)[None, :]
+                if BAND != BAND_NONE:
+                    ok = ok | _band_allowed(offs_m[None, :], pos[:, None], width, BAND=BAND, OFF=OFF)
             else:
-                ok = _band_allowed(offs_m[None, :], pos[:, None], width, BAND, OFF)
+                ok = _band_allowed(offs_m[None, :], pos[:, None], width, BAND=BAND, OFF=OFF)
             pT = tl.where(ok, pT, 0.0)
-        dv = _dot(_cast(pT, do.dtype, F32), do, dv, F32)
-        dpT = _dot(v, tl.trans(do), tl.zeros([k.shape[0], BM], dtype=tl.float32), F32)
+        dv = _dot(_cast(pT, do.dtype, F32=F32), do, dv, F32=F32)
+        dpT = _dot(v, tl.trans(do), tl.zeros([k.shape[0], BM], dtype=tl.float32), F32=F32)
         dsT = pT * (dpT - delta[None, :])
-        dk = _dot(_cast(dsT, qT.dtype, F32), tl.trans(qT), dk, F32)
+        dk = _dot(_cast(dsT, qT.dtype, F32=F32), tl.trans(qT), dk, F32=F32)
     return dk, dv
 
 
 @triton.jit
-def _bwd_tile(Qb, Kb, Vb, DOb, DQ, DK, DV, gbase, LSEb, DELb, qn, sqd, kn, skd, vn, svd, don, sdod, gn, sgd,
-              groups, i0, n_eff, qk_scale, scale, width,
-              BAND: tl.constexpr, OFF: tl.constexpr, MERGE: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
-              BM1: tl.constexpr, BN2: tl.constexpr, ONE_LOOP: tl.constexpr, F32: tl.constexpr):
-    """dQ of the BT queries and dK, dV of the BT keys of one tile of a band: the diagonal block is computed once
-    for both; dQ adds the band's earlier key tiles, dK/dV its later query tiles (BM1 and BN2 divide BT). ONE_LOOP:
-    each side is one masked loop."""
+def _bwd_band_tile(Qb, Kb, Vb, DOb, DQb, DKb, DVb, LSEb, DELb, qn, sqd, kn, skd, vn, svd, don, sdod,
+                   gqn, sgqd, gvn, sgvd, groups, i0, n_eff, qk_scale, scale, width,
+                   BAND: tl.constexpr, OFF: tl.constexpr, MERGE: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
+                   BT: tl.constexpr, BM1: tl.constexpr, BN2: tl.constexpr, ONE_LOOP: tl.constexpr,
+                   F32: tl.constexpr):
+    """Fused role: dQ of the BT queries and dK, dV of the BT keys of one tile of a band. The diagonal block is
+    computed once for both; dQ adds the band's earlier key tiles (BN2 a step), dK/dV its later query tiles (BM1 a
+    step). ONE_LOOP: each side is one masked loop."""
+    tl.static_assert(BT % BM1 == 0 and BT % BN2 == 0, "the fused tile's steps divide it")
     offs_m = i0 + tl.arange(0, BT)
-    offs_d = tl.arange(0, D)
     rin = offs_m < n_eff
     i_last = tl.minimum(i0 + BT, n_eff) - 1
-    q = tl.load(Qb + offs_m[:, None] * qn + offs_d[None, :] * sqd, mask=rin[:, None], other=0.0)
-    do = tl.load(DOb + offs_m[:, None] * don + offs_d[None, :] * sdod, mask=rin[:, None], other=0.0)
-    lse = tl.load(LSEb + offs_m * groups, mask=rin, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: p = 0
-    delta = tl.load(DELb + offs_m * groups, mask=rin, other=0.0)
+    q = _load_rows(Qb, offs_m, qn, sqd, rin, W=DQK)
+    do = _load_rows(DOb, offs_m, don, sdod, rin, W=DV)
+    lse, delta = _load_stats(LSEb, DELb, offs_m, groups, rin)
     # keys before the tile: a masked head where the band starts, then full tiles up to the tile
-    k_begin = (_band_first(i0, width, BAND) // BN2) * BN2
-    full_lo = tl.cdiv(_band_first(i_last, width, BAND), BN2) * BN2
+    k_begin = (_band_first(i0, width, BAND=BAND) // BN2) * BN2
+    full_lo = tl.cdiv(_band_first(i_last, width, BAND=BAND), BN2) * BN2
     full_lo = tl.minimum(tl.maximum(full_lo, k_begin), i0)
     if ONE_LOOP:
         full_lo = i0
-    dq = tl.zeros([BT, D], dtype=tl.float32)
-    dq = _dq_loop(dq, q, do, lse, delta, Kb, Vb, kn, skd, vn, svd, offs_m, offs_d, k_begin, full_lo,
-                  n_eff, 0, qk_scale, width, 1, 1, 0, BAND, OFF, 0, False, True, BN2, F32)
-    dq = _dq_loop(dq, q, do, lse, delta, Kb, Vb, kn, skd, vn, svd, offs_m, offs_d, full_lo, i0,
-                  n_eff, 0, qk_scale, width, 1, 1, 0, BAND, OFF, 0, False, False, BN2, F32)
+    dq = tl.zeros([BT, DQK], dtype=tl.float32)
+    dq = _dq_loop(dq, q, do, lse, delta, Kb, Vb, kn, skd, vn, svd, offs_m, k_begin, full_lo, n_eff, 0,
+                  qk_scale, width, 1, 1, 0, BAND=BAND, OFF=OFF, SUMMARY=SUM_NONE, GATHER=False,
+                  MASKED=True, DQK=DQK, DV=DV, BN=BN2, F32=F32)
+    dq = _dq_loop(dq, q, do, lse, delta, Kb, Vb, kn, skd, vn, svd, offs_m, full_lo, i0, n_eff, 0,
+                  qk_scale, width, 1, 1, 0, BAND=BAND, OFF=OFF, SUMMARY=SUM_NONE, GATHER=False,
+                  MASKED=False, DQK=DQK, DV=DV, BN=BN2, F32=F32)
     # the diagonal block (keys of the tile x queries of the tile), transposed like the dK/dV loop
-    k = tl.load(Kb + offs_m[:, None] * kn + offs_d[None, :] * skd, mask=rin[:, None], other=0.0)
-    v = tl.load(Vb + offs_m[:, None] * vn + offs_d[None, :] * svd, mask=rin[:, None], other=0.0)
-    qkT = _dot(k, tl.trans(q), tl.zeros([BT, BT], dtype=tl.float32), F32)
+    k = _load_rows(Kb, offs_m, kn, skd, rin, W=DQK)
+    v = _load_rows(Vb, offs_m, vn, svd, rin, W=DV)
+    qkT = _dot(k, tl.trans(q), tl.zeros([BT, BT], dtype=tl.float32), F32=F32)
     pT = tl.exp2(qkT * qk_scale - lse[None, :])
-    pT = tl.where(_band_allowed(offs_m[None, :], offs_m[:, None], width, BAND, OFF), pT, 0.0)
-    dpT = _dot(v, tl.trans(do), tl.zeros([BT, BT], dtype=tl.float32), F32)
-    dsT = _cast(pT * (dpT - delta[None, :]), q.dtype, F32)
-    dv = _dot(_cast(pT, do.dtype, F32), do, tl.zeros([BT, D], dtype=tl.float32), F32)
-    dk = _dot(dsT, q, tl.zeros([BT, D], dtype=tl.float32), F32)
-    dq = _dot(tl.trans(dsT), k, dq, F32) * scale
-    gptr = gbase + offs_m[:, None] * gn + offs_d[None, :] * sgd
-    if MERGE:
-        dq += tl.load(DQ + gptr, mask=rin[:, None], other=0.0).to(tl.float32)
-    tl.store(DQ + gptr, _cast(dq, DQ.dtype.element_ty, F32), mask=rin[:, None])
+    pT = tl.where(_band_allowed(offs_m[None, :], offs_m[:, None], width, BAND=BAND, OFF=OFF), pT, 0.0)
+    dpT = _dot(v, tl.trans(do), tl.zeros([BT, BT], dtype=tl.float32), F32=F32)
+    dsT = _cast(pT * (dpT - delta[None, :]), q.dtype, F32=F32)
+    dv = _dot(_cast(pT, do.dtype, F32=F32), do, tl.zeros([BT, DV], dtype=tl.float32), F32=F32)
+    dk = _dot(dsT, q, tl.zeros([BT, DQK], dtype=tl.float32), F32=F32)
+    dq = _dot(tl.trans(dsT), k, dq, F32=F32) * scale
+    _store_rows(DQb, offs_m, gqn, sgqd, rin, dq, W=DQK, MERGE=MERGE, F32=F32)
     # queries after the tile: full tiles, then a masked tail where the band ends
     q_begin = i0 + BT
-    q_end = tl.maximum(tl.cdiv(_band_last_query(i_last, width, n_eff, BAND) + 1, BM1) * BM1, q_begin)
-    full_hi = ((_band_last_query(i0, width, n_eff, BAND) + 1) // BM1) * BM1
-    if BAND == 1:
+    q_end = tl.maximum(tl.cdiv(_band_last_query(i_last, width, n_eff, BAND=BAND) + 1, BM1) * BM1, q_begin)
+    full_hi = ((_band_last_query(i0, width, n_eff, BAND=BAND) + 1) // BM1) * BM1
+    if BAND == BAND_CAUSAL:
         full_hi = q_end  # rows past n contribute zero (their LSE loads as +inf)
     full_hi = tl.minimum(tl.maximum(full_hi, q_begin), q_end)
     if ONE_LOOP:
         full_hi = q_begin
-    dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_m, offs_m, offs_d,
-                        q_begin, full_hi, n_eff, qk_scale, width, 1, 1, 0, BAND, OFF, 0, False, BM1, F32)
-    dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_m, offs_m, offs_d,
-                        full_hi, q_end, n_eff, qk_scale, width, 1, 1, 0, BAND, OFF, 0, True, BM1, F32)
-    dk = dk * scale
-    if MERGE:
-        dk += tl.load(DK + gptr, mask=rin[:, None], other=0.0).to(tl.float32)
-        dv += tl.load(DV + gptr, mask=rin[:, None], other=0.0).to(tl.float32)
-    tl.store(DK + gptr, _cast(dk, DK.dtype.element_ty, F32), mask=rin[:, None])
-    tl.store(DV + gptr, _cast(dv, DV.dtype.element_ty, F32), mask=rin[:, None])
+    dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_m, offs_m,
+                        q_begin, full_hi, n_eff, qk_scale, width, 1, 1, 0,
+                        BAND=BAND, OFF=OFF, SUMMARY=SUM_NONE, MASKED=False, DQK=DQK, DV=DV, BM=BM1, F32=F32)
+    dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_m, offs_m,
+                        full_hi, q_end, n_eff, qk_scale, width, 1, 1, 0,
+                        BAND=BAND, OFF=OFF, SUMMARY=SUM_NONE, MASKED=True, DQK=DQK, DV=DV, BM=BM1, F32=F32)
+    _store_rows(DKb, offs_m, gqn, sgqd, rin, dk * scale, W=DQK, MERGE=MERGE, F32=F32)
+    _store_rows(DVb, offs_m, gvn, sgvd, rin, dv, W=DV, MERGE=MERGE, F32=F32)
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, HEADS, STARTS,
+def _bwd_band_keys(Qb, Kb, Vb, DOb, DKb, DVb, LSEb, DELb, qn, sqd, kn, skd, vn, svd, don, sdod,
+                   gqn, sgqd, gvn, sgvd, groups, j0, n_eff, qk_scale, scale, width, sl, sc, ss,
+                   BAND: tl.constexpr, OFF: tl.constexpr, SUMMARY: tl.constexpr, MERGE: tl.constexpr,
+                   DQK: tl.constexpr, DV: tl.constexpr, BN1: tl.constexpr, BM1: tl.constexpr, F32: tl.constexpr):
+    """Key-stationary role: dK, dV of BN1 keys from j0 over the band's query tiles: masked head, unmasked middle,
+    masked tail. With a summary part the summary keys' rows are left to ``_bwd_summary_keys``."""
+    offs_n = j0 + tl.arange(0, BN1)
+    kin = offs_n < n_eff
+    store = kin
+    if SUMMARY != SUM_NONE:
+        store = store & ((offs_n % sl - ss < 0) | (offs_n % sl - ss >= sc))
+    k = _load_rows(Kb, offs_n, kn, skd, kin, W=DQK)
+    v = _load_rows(Vb, offs_n, vn, svd, kin, W=DV)
+    dk = tl.zeros([BN1, DQK], dtype=tl.float32)
+    dv = tl.zeros([BN1, DV], dtype=tl.float32)
+    if BAND != BAND_NONE:
+        j_last = tl.minimum(j0 + BN1, n_eff) - 1
+        q_begin = ((j0 + OFF) // BM1) * BM1
+        q_end = tl.cdiv(_band_last_query(j_last, width, n_eff, BAND=BAND) + 1, BM1) * BM1
+        full_lo = tl.cdiv(j_last + OFF, BM1) * BM1
+        full_hi = ((_band_last_query(j0, width, n_eff, BAND=BAND) + 1) // BM1) * BM1
+        if BAND == BAND_CAUSAL:
+            full_hi = tl.cdiv(n_eff, BM1) * BM1  # rows past n contribute zero (their LSE loads as +inf)
+        full_lo = tl.minimum(tl.maximum(full_lo, q_begin), q_end)
+        full_hi = tl.minimum(tl.maximum(full_hi, full_lo), q_end)
+        dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_n, offs_n,
+                            q_begin, full_lo, n_eff, qk_scale, width, sl, sc, ss,
+                            BAND=BAND, OFF=OFF, SUMMARY=SUM_NONE, MASKED=True, DQK=DQK, DV=DV, BM=BM1, F32=F32)
+        dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_n, offs_n,
+                            full_lo, full_hi, n_eff, qk_scale, width, sl, sc, ss,
+                            BAND=BAND, OFF=OFF, SUMMARY=SUM_NONE, MASKED=False, DQK=DQK, DV=DV, BM=BM1, F32=F32)
+        dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_n, offs_n,
+                            full_hi, q_end, n_eff, qk_scale, width, sl, sc, ss,
+                            BAND=BAND, OFF=OFF, SUMMARY=SUM_NONE, MASKED=True, DQK=DQK, DV=DV, BM=BM1, F32=F32)
+    _store_rows(DKb, offs_n, gqn, sgqd, store, dk * scale, W=DQK, MERGE=MERGE, F32=F32)
+    _store_rows(DVb, offs_n, gvn, sgvd, store, dv, W=DV, MERGE=MERGE, F32=F32)
+
+
+@triton.jit
+def _bwd_summary_keys(Qb, Kb, Vb, DOb, DKb, DVb, LSEb, DELb, qn, sqd, kn, skd, vn, svd, don, sdod,
+                      gqn, sgqd, gvn, sgvd, groups, j0, n, n_eff, qk_scale, scale, width, sl, sc, ss,
+                      BAND: tl.constexpr, OFF: tl.constexpr, SUMMARY: tl.constexpr, MERGE: tl.constexpr,
+                      DQK: tl.constexpr, DV: tl.constexpr, BN1: tl.constexpr, BM1: tl.constexpr,
+                      F32: tl.constexpr):
+    """Key-stationary role: dK, dV of the gathered summary keys j0 .. j0 + BN1 - 1, from both parts: masked query
+    tiles up to the end of the last key's block (where band and summary pairs mix), unmasked ones after."""
+    tl.static_assert(SUMMARY != SUM_NONE)
+    t_total = (n // sl) * sc + tl.minimum(tl.maximum(n % sl - ss, 0), sc)
+    offs_n = j0 + tl.arange(0, BN1)
+    pos = _sum_pos(offs_n, sl, sc, ss)
+    kin = offs_n < t_total
+    k = _load_rows(Kb, pos, kn, skd, kin, W=DQK)
+    v = _load_rows(Vb, pos, vn, svd, kin, W=DV)
+    dk = tl.zeros([BN1, DQK], dtype=tl.float32)
+    dv = tl.zeros([BN1, DV], dtype=tl.float32)
+    q_all = tl.cdiv(n_eff, BM1) * BM1
+    t_last = tl.maximum(tl.minimum(j0 + BN1, t_total) - 1, 0)
+    q_begin = (_sum_pos(j0, sl, sc, ss) // BM1) * BM1
+    if j0 >= t_total:  # this head has fewer summary cells than the grid's widest head
+        q_begin = q_all
+    q_begin = tl.minimum(q_begin, q_all)
+    full_lo = tl.cdiv((_sum_pos(t_last, sl, sc, ss) // sl + 1) * sl, BM1) * BM1
+    full_lo = tl.minimum(tl.maximum(full_lo, q_begin), q_all)
+    dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_n, pos,
+                        q_begin, full_lo, n_eff, qk_scale, width, sl, sc, ss,
+                        BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, MASKED=True, DQK=DQK, DV=DV, BM=BM1, F32=F32)
+    dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_n, pos,
+                        full_lo, q_all, n_eff, qk_scale, width, sl, sc, ss,
+                        BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, MASKED=False, DQK=DQK, DV=DV, BM=BM1, F32=F32)
+    _store_rows(DKb, pos, gqn, sgqd, kin, dk * scale, W=DQK, MERGE=MERGE, F32=F32)
+    _store_rows(DVb, pos, gvn, sgvd, kin, dv, W=DV, MERGE=MERGE, F32=F32)
+
+
+@triton.jit
+def _bwd_queries(Qb, Kb, Vb, DOb, DQb, LSEb, DELb, qn, sqd, kn, skd, vn, svd, don, sdod, gqn, sgqd,
+                 groups, i0, n_eff, qk_scale, scale, width, sl, sc, ss,
+                 BAND: tl.constexpr, OFF: tl.constexpr, SUMMARY: tl.constexpr, MERGE: tl.constexpr,
+                 DQK: tl.constexpr, DV: tl.constexpr, BM2: tl.constexpr, BN2: tl.constexpr, F32: tl.constexpr):
+    """Query-stationary role: dQ of BM2 queries from i0 over the band's and the summary's key tiles."""
+    offs_m = i0 + tl.arange(0, BM2)
+    qin = offs_m < n_eff
+    q = _load_rows(Qb, offs_m, qn, sqd, qin, W=DQK)
+    do = _load_rows(DOb, offs_m, don, sdod, qin, W=DV)
+    lse, delta = _load_stats(LSEb, DELb, offs_m, groups, qin)
+    dq = tl.zeros([BM2, DQK], dtype=tl.float32)
+    i_last = tl.minimum(i0 + BM2, n_eff) - 1
+    if BAND != BAND_NONE:
+        k_begin, full_lo, full_hi, k_end = _band_key_tiles(i0, i_last, width, BAND=BAND, OFF=OFF, BN=BN2)
+        dq = _dq_loop(dq, q, do, lse, delta, Kb, Vb, kn, skd, vn, svd, offs_m, k_begin, full_lo, n_eff, 0,
+                      qk_scale, width, sl, sc, ss, BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, GATHER=False,
+                      MASKED=True, DQK=DQK, DV=DV, BN=BN2, F32=F32)
+        dq = _dq_loop(dq, q, do, lse, delta, Kb, Vb, kn, skd, vn, svd, offs_m, full_lo, full_hi, n_eff, 0,
+                      qk_scale, width, sl, sc, ss, BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, GATHER=False,
+                      MASKED=False, DQK=DQK, DV=DV, BN=BN2, F32=F32)
+        dq = _dq_loop(dq, q, do, lse, delta, Kb, Vb, kn, skd, vn, svd, offs_m, full_hi, k_end, n_eff, 0,
+                      qk_scale, width, sl, sc, ss, BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, GATHER=False,
+                      MASKED=True, DQK=DQK, DV=DV, BN=BN2, F32=F32)
+    if SUMMARY != SUM_NONE:
+        t_full = (_sum_count(i0, sl, sc, ss, SUMMARY=SUMMARY) // BN2) * BN2
+        t_hi = _sum_count(i_last, sl, sc, ss, SUMMARY=SUMMARY)
+        dq = _dq_loop(dq, q, do, lse, delta, Kb, Vb, kn, skd, vn, svd, offs_m, 0, t_full, n_eff, t_hi,
+                      qk_scale, width, sl, sc, ss, BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, GATHER=True,
+                      MASKED=False, DQK=DQK, DV=DV, BN=BN2, F32=F32)
+        dq = _dq_loop(dq, q, do, lse, delta, Kb, Vb, kn, skd, vn, svd, offs_m, t_full, t_hi, n_eff, t_hi,
+                      qk_scale, width, sl, sc, ss, BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, GATHER=True,
+                      MASKED=True, DQK=DQK, DV=DV, BN=BN2, F32=F32)
+    _store_rows(DQb, offs_m, gqn, sgqd, qin, dq * scale, W=DQK, MERGE=MERGE, F32=F32)
+
+
+@triton.jit
+def _bwd_kernel(Q, K, V, DO, GRAD_Q, GRAD_K, GRAD_V, LSE, DELTA, HEADS, STARTS,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
-                sgb, sgh, sgn, sgd,
+                sgqb, sgqh, sgqn, sgqd, sgvb, sgvh, sgvn, sgvd,
                 n, H, HL, groups, qk_scale, scale, width, sl, sc, nks,
                 BAND: tl.constexpr, OFF: tl.constexpr, SUMMARY: tl.constexpr, MERGE: tl.constexpr,
-                D: tl.constexpr, BM1: tl.constexpr, BN1: tl.constexpr, BM2: tl.constexpr, BN2: tl.constexpr,
-                FUSED: tl.constexpr, ONE_LOOP: tl.constexpr, F32: tl.constexpr):
-    # DQ, DK, DV share one layout (strides sg*): they are allocated together by the caller.
+                DQK: tl.constexpr, DV: tl.constexpr, BM1: tl.constexpr, BN1: tl.constexpr, BM2: tl.constexpr,
+                BN2: tl.constexpr, FUSED: tl.constexpr, ONE_LOOP: tl.constexpr, F32: tl.constexpr):
+    """dQ, dK, dV of one launch's parts; program ``pid0 // groups`` picks the role (see the module docstring).
+    GRAD_Q and GRAD_K share one layout (strides sgq*), GRAD_V has its own (sgv*). ``nks``: summary key tiles of the head with the
+    most summary cells (the host's count, so the roles line up across heads)."""
+    tl.static_assert(not (FUSED and SUMMARY != SUM_NONE), "the fused role computes band-only launches")
+    tl.static_assert(BAND != BAND_NONE or SUMMARY != SUM_NONE, "a launch computes at least one part")
     pid0 = tl.program_id(0)
     pid_bh = tl.program_id(1)
     grp = pid0 % groups
     role = pid0 // groups
     n_eff = (n - grp + groups - 1) // groups
-    n_max = tl.cdiv(n, groups)
     b = pid_bh // HL
     hl = pid_bh % HL
     h = tl.load(HEADS + hl)
@@ -390,120 +589,40 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, HEADS, STARTS,
     Kb = K + b * skb + h * skh + grp * skn
     Vb = V + b * svb + h * svh + grp * svn
     DOb = DO + b * sdob + h * sdoh + grp * sdon
-    gbase = b * sgb + h * sgh + grp * sgn
+    DQb = GRAD_Q + b * sgqb + h * sgqh + grp * sgqn
+    DKb = GRAD_K + b * sgqb + h * sgqh + grp * sgqn
+    DVb = GRAD_V + b * sgvb + h * sgvh + grp * sgvn
     LSEb = LSE + (b * H + h) * n + grp
     DELb = DELTA + (b * H + h) * n + grp
     qn = sqn * groups
     kn = skn * groups
     vn = svn * groups
     don = sdon * groups
-    gn = sgn * groups
-    offs_d = tl.arange(0, D)
-    nkb = tl.cdiv(n_max, BN1)
-    # nks: summary key tiles of the head with the most summary cells (the host's count, so roles line up)
-    if SUMMARY != 0:
-        t_total = (n // sl) * sc + tl.minimum(tl.maximum(n % sl - ss, 0), sc)
-    else:
-        t_total = 0
+    gqn = sgqn * groups
+    gvn = sgvn * groups
+    nkb = tl.cdiv(tl.cdiv(n, groups), BN1)
     if FUSED:
-        # band launches (no summary): one program per tile of BN1 rows does its dQ and its dK/dV
         i0 = role * BN1
         if i0 < n_eff:
-            _bwd_tile(Qb, Kb, Vb, DOb, DQ, DK, DV, gbase, LSEb, DELb, qn, sqd, kn, skd, vn, svd, don, sdod, gn, sgd,
-                      groups, i0, n_eff, qk_scale, scale, width, BAND, OFF, MERGE, D, BN1, BM1, BN2, ONE_LOOP, F32)
+            _bwd_band_tile(Qb, Kb, Vb, DOb, DQb, DKb, DVb, LSEb, DELb, qn, sqd, kn, skd, vn, svd, don, sdod,
+                           gqn, sgqd, gvn, sgvd, groups, i0, n_eff, qk_scale, scale, width,
+                           BAND=BAND, OFF=OFF, MERGE=MERGE, DQK=DQK, DV=DV, BT=BN1, BM1=BM1, BN2=BN2,
+                           ONE_LOOP=ONE_LOOP, F32=F32)
+    elif role < nkb:
+        _bwd_band_keys(Qb, Kb, Vb, DOb, DKb, DVb, LSEb, DELb, qn, sqd, kn, skd, vn, svd, don, sdod,
+                       gqn, sgqd, gvn, sgvd, groups, role * BN1, n_eff, qk_scale, scale, width, sl, sc, ss,
+                       BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, MERGE=MERGE, DQK=DQK, DV=DV, BN1=BN1, BM1=BM1, F32=F32)
     elif role < nkb + nks:
-        # key-stationary: dK, dV of one key tile
-        if role < nkb:
-            j0 = role * BN1
-            offs_n = j0 + tl.arange(0, BN1)
-            pos = offs_n
-            kin = offs_n < n_eff
-            store = kin
-            if SUMMARY != 0:
-                store = store & ((offs_n % sl - ss < 0) | (offs_n % sl - ss >= sc))  # summary rows: other programs
-        else:
-            j0 = (role - nkb) * BN1
-            offs_n = j0 + tl.arange(0, BN1)
-            pos = _sum_pos(offs_n, sl, sc, ss)
-            kin = offs_n < t_total
-            store = kin
-        k = tl.load(Kb + pos[:, None] * kn + offs_d[None, :] * skd, mask=kin[:, None], other=0.0)
-        v = tl.load(Vb + pos[:, None] * vn + offs_d[None, :] * svd, mask=kin[:, None], other=0.0)
-        dk = tl.zeros([BN1, D], dtype=tl.float32)
-        dv = tl.zeros([BN1, D], dtype=tl.float32)
-        q_all = tl.cdiv(n_eff, BM1) * BM1
-        if role < nkb:
-            if BAND != 0:
-                j_last = tl.minimum(j0 + BN1, n_eff) - 1
-                q_begin = ((j0 + OFF) // BM1) * BM1
-                q_end = tl.cdiv(_band_last_query(j_last, width, n_eff, BAND) + 1, BM1) * BM1
-                full_lo = tl.cdiv(j_last + OFF, BM1) * BM1
-                full_hi = ((_band_last_query(j0, width, n_eff, BAND) + 1) // BM1) * BM1
-                if BAND == 1:
-                    full_hi = q_all  # rows past n contribute zero (their LSE loads as +inf)
-                full_lo = tl.minimum(tl.maximum(full_lo, q_begin), q_end)
-                full_hi = tl.minimum(tl.maximum(full_hi, full_lo), q_end)
-                dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_n, pos,
-                                    offs_d, q_begin, full_lo, n_eff, qk_scale, width, sl, sc, ss,
-                                    BAND, OFF, 0, True, BM1, F32)
-                dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_n, pos,
-                                    offs_d, full_lo, full_hi, n_eff, qk_scale, width, sl, sc, ss,
-                                    BAND, OFF, 0, False, BM1, F32)
-                dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_n, pos,
-                                    offs_d, full_hi, q_end, n_eff, qk_scale, width, sl, sc, ss,
-                                    BAND, OFF, 0, True, BM1, F32)
-        else:
-            t_last = tl.maximum(tl.minimum(j0 + BN1, t_total) - 1, 0)
-            q_begin = (_sum_pos(j0, sl, sc, ss) // BM1) * BM1
-            if j0 >= t_total:  # this head has fewer summary cells than the grid's widest head
-                q_begin = q_all
-            q_begin = tl.minimum(q_begin, q_all)
-            full_lo = tl.cdiv((_sum_pos(t_last, sl, sc, ss) // sl + 1) * sl, BM1) * BM1
-            full_lo = tl.minimum(tl.maximum(full_lo, q_begin), q_all)
-            dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_n, pos,
-                                offs_d, q_begin, full_lo, n_eff, qk_scale, width, sl, sc, ss,
-                                BAND, OFF, SUMMARY, True, BM1, F32)
-            dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_n, pos,
-                                offs_d, full_lo, q_all, n_eff, qk_scale, width, sl, sc, ss,
-                                BAND, OFF, SUMMARY, False, BM1, F32)
-        dk = dk * scale
-        gptr = gbase + pos[:, None] * gn + offs_d[None, :] * sgd
-        if MERGE:
-            dk += tl.load(DK + gptr, mask=store[:, None], other=0.0).to(tl.float32)
-            dv += tl.load(DV + gptr, mask=store[:, None], other=0.0).to(tl.float32)
-        tl.store(DK + gptr, _cast(dk, DK.dtype.element_ty, F32), mask=store[:, None])
-        tl.store(DV + gptr, _cast(dv, DV.dtype.element_ty, F32), mask=store[:, None])
+        if SUMMARY != SUM_NONE:
+            _bwd_summary_keys(Qb, Kb, Vb, DOb, DKb, DVb, LSEb, DELb, qn, sqd, kn, skd, vn, svd, don, sdod,
+                              gqn, sgqd, gvn, sgvd, groups, (role - nkb) * BN1, n, n_eff, qk_scale, scale, width,
+                              sl, sc, ss, BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, MERGE=MERGE, DQK=DQK, DV=DV,
+                              BN1=BN1, BM1=BM1, F32=F32)
     else:
-        # query-stationary: dQ of one query tile, later tiles (more keys) first
-        tile = tl.cdiv(n_max, BM2) - 1 - (role - nkb - nks)
-        i0 = tile * BM2
+        # later query tiles (more keys) first
+        i0 = (tl.cdiv(tl.cdiv(n, groups), BM2) - 1 - (role - nkb - nks)) * BM2
         if i0 < n_eff:
-            offs_m = i0 + tl.arange(0, BM2)
-            qin = offs_m < n_eff
-            q = tl.load(Qb + offs_m[:, None] * qn + offs_d[None, :] * sqd, mask=qin[:, None], other=0.0)
-            do = tl.load(DOb + offs_m[:, None] * don + offs_d[None, :] * sdod, mask=qin[:, None], other=0.0)
-            lse = tl.load(LSEb + offs_m * groups, mask=qin, other=float("inf"))
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)
-            delta = tl.load(DELb + offs_m * groups, mask=qin, other=0.0)
-            dq = tl.zeros([BM2, D], dtype=tl.float32)
-            i_last = tl.minimum(i0 + BM2, n_eff) - 1
-            if BAND != 0:
-                k_begin, full_lo, full_hi, k_end = _band_key_tiles(i0, i_last, width, BAND, OFF, BN2)
-                dq = _dq_loop(dq, q, do, lse, delta, Kb, Vb, kn, skd, vn, svd, offs_m, offs_d, k_begin, full_lo,
-                              n_eff, 0, qk_scale, width, sl, sc, ss, BAND, OFF, SUMMARY, False, True, BN2, F32)
-                dq = _dq_loop(dq, q, do, lse, delta, Kb, Vb, kn, skd, vn, svd, offs_m, offs_d, full_lo, full_hi,
-                              n_eff, 0, qk_scale, width, sl, sc, ss, BAND, OFF, SUMMARY, False, False, BN2, F32)
-                dq = _dq_loop(dq, q, do, lse, delta, Kb, Vb, kn, skd, vn, svd, offs_m, offs_d, full_hi, k_end,
-                              n_eff, 0, qk_scale, width, sl, sc, ss, BAND, OFF, SUMMARY, False, True, BN2, F32)
-            if SUMMARY != 0:
-                t_full = (_sum_count(i0, sl, sc, ss, SUMMARY) // BN2) * BN2
-                t_hi = _sum_count(i_last, sl, sc, ss, SUMMARY)
-                dq = _dq_loop(dq, q, do, lse, delta, Kb, Vb, kn, skd, vn, svd, offs_m, offs_d, 0, t_full,
-                              n_eff, t_hi, qk_scale, width, sl, sc, ss, BAND, OFF, SUMMARY, True, False, BN2, F32)
-                dq = _dq_loop(dq, q, do, lse, delta, Kb, Vb, kn, skd, vn, svd, offs_m, offs_d, t_full, t_hi,
-                              n_eff, t_hi, qk_scale, width, sl, sc, ss, BAND, OFF, SUMMARY, True, True, BN2, F32)
-            dq = dq * scale
-            gptr = gbase + offs_m[:, None] * gn + offs_d[None, :] * sgd
-            if MERGE:
-                dq += tl.load(DQ + gptr, mask=qin[:, None], other=0.0).to(tl.float32)
-            tl.store(DQ + gptr, _cast(dq, DQ.dtype.element_ty, F32), mask=qin[:, None])
+            _bwd_queries(Qb, Kb, Vb, DOb, DQb, LSEb, DELb, qn, sqd, kn, skd, vn, svd, don, sdod, gqn, sgqd,
+                         groups, i0, n_eff, qk_scale, scale, width, sl, sc, ss,
+                         BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, MERGE=MERGE, DQK=DQK, DV=DV, BM2=BM2, BN2=BN2,
+                         F32=F32)

@@ -32,6 +32,7 @@ from lightning_sparse.kernels import (
     head_masks,
     sparse_attention,
 )
+from lightning_sparse.kernels.tiles import BwdTiles, FwdTiles, tile_override
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,13 +76,16 @@ def _run(fn, q, k, v, do, dtype):
 
 
 def check_against_reference(q, k, v, do, pattern: Pattern, scale: float | None = None, floor: float = 1e-6):
-    """Assert the triton backend's out/dq/dk/dv error <= 2x plain PyTorch's (same dtype) error vs float64."""
+    """Assert the triton backend's out/dq/dk/dv error <= 2x plain PyTorch's (same dtype) error vs float64, and that
+    the reference backend agrees with this file's own reference."""
     n, d = q.shape[2], q.shape[3]
     sc = d**-0.5 if scale is None else scale
     mask = head_masks(pattern, n, q.shape[1])
     ref = _run(lambda a, b, c: _attention(a, b, c, mask, sc), q, k, v, do, torch.float64)
     plain = _run(lambda a, b, c: _attention(a, b, c, mask, sc), q, k, v, do, q.dtype)
     got = _run(lambda a, b, c: sparse_attention(a, b, c, pattern, scale=scale, backend="triton"), q, k, v, do, q.dtype)
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref, strict=True):
+        assert g.shape == r.shape, f"{name}: shape {tuple(g.shape)}, expected {tuple(r.shape)}"
     for name, g, p, r in zip(("out", "dq", "dk", "dv"), got, plain, ref, strict=True):
         assert not torch.isnan(g).any(), f"{name} has NaN"
         err, err_plain = (g - r).abs().max().item(), (p - r).abs().max().item()
@@ -89,9 +93,11 @@ def check_against_reference(q, k, v, do, pattern: Pattern, scale: float | None =
         assert err <= bound, f"{pattern!r} {q.dtype} {name}: error {err:.3e} > bound {bound:.3e} (plain {err_plain:.3e})"
 
 
-def _inputs(b, h, n, d, dtype, seed):
+def _inputs(b, h, n, d, dtype, seed, d_v=None):
+    """q, k [b, h, n, d] and v, do [b, h, n, d_v] (d_v defaults to d)."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(b, h, n, d, generator=g).to(dtype) for _ in range(4)]
+    widths = (d, d, d_v or d, d_v or d)
+    return [torch.randn(b, h, n, w, generator=g).to(dtype) for w in widths]
 
 
 # ---------------------------------------------------------------- kernel tests (child process)
@@ -116,20 +122,17 @@ PATTERNS = [
 # small tiles so that every band edge, full tile and gathered summary tile occurs; BM != BN both ways; band
 # launches alternate between the fused backward (one program per tile for dQ and dK/dV) and split programs
 TILES = [
-    {"fwd": (32, 16, 4, 1), "bwd": (16, 32, 32, 16, 4, 1, 0, 1)},
-    {"fwd": (16, 32, 4, 1), "bwd": (32, 16, 16, 32, 4, 1, 0, 0)},
+    (FwdTiles(32, 16, warps=4, stages=1), BwdTiles(16, 32, 32, 16, warps=4, stages=1, fused=True)),
+    (FwdTiles(16, 32, warps=4, stages=1), BwdTiles(32, 16, 16, 32, warps=4, stages=1, fused=False)),
 ]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @pytest.fixture
 def tiles(request):
-    from lightning_sparse.kernels import triton_backend
-
-    triton_backend.TUNING.clear()
-    triton_backend.TUNING.update(request.param)
-    yield request.param
-    triton_backend.TUNING.clear()
+    fwd, bwd = request.param
+    with tile_override(fwd=fwd, bwd=bwd):
+        yield request.param
 
 
 @in_child
@@ -145,29 +148,51 @@ def test_pattern_matches_reference(name, pattern, n, heads, tiles, dtype):
     check_against_reference(q, k, v, do, pattern)
 
 
+# separate query/key and value widths: (name, pattern, n, heads, d_qk, d_v, dtype); every width of 32/64/128 on
+# each side, both backward program kinds, the three dtypes
+WIDTHS = [
+    ("strided", Strided(8), 64, 2, 32, 64, "bf16"),
+    ("fixed_per_head", Fixed(16, 4, (0, 1)), 64, 2, 64, 128, "fp16"),
+    ("headsplit_fixed_strided", HeadSplit((Fixed(16, 4, (0, 1)), Strided(8))), 48, 4, 128, 32, "fp32"),
+    ("local", Local(24), 70, 2, 128, 32, "bf16"),
+    ("dense", Dense(), 50, 2, 32, 64, "fp32"),
+    ("fixed_per_head_wide_qk", Fixed(16, 4, (0, 1)), 48, 2, 128, 32, "bf16"),
+    ("strided_wide_v", Strided(5), 61, 2, 64, 128, "fp16"),
+]
+
+
 @in_child
 @pytest.mark.parametrize(
-    "fwd,bwd",
+    "name,pattern,n,heads,d_qk,d_v,dtype,tiles",
+    [(*w, TILES[i % 2]) for i, w in enumerate(WIDTHS)],
+    ids=[f"{w[0]}-qk{w[4]}-v{w[5]}-{w[6]}" for w in WIDTHS],
+    indirect=["tiles"],
+)
+def test_separate_widths_match_reference(name, pattern, n, heads, d_qk, d_v, dtype, tiles):
+    """q, k of width d_qk and v of width d_v: out and dv have d_v columns, dq and dk d_qk (checked in the helper)."""
+    q, k, v, do = _inputs(1, heads, n, d_qk, DTYPES[dtype], seed=zlib.crc32(f"w-{name}".encode()), d_v=d_v)
+    check_against_reference(q, k, v, do, pattern)
+
+
+@in_child
+@pytest.mark.parametrize(
+    "fwd,bwd,seed",
     [
-        ((16, 16, 4, 1), (16, 16, 16, 16, 4, 1, 0, 1)),
-        ((16, 16, 4, 1), (16, 32, 32, 16, 4, 1, 0, 1)),
-        ((16, 16, 4, 1, 0, 1), (16, 32, 32, 16, 4, 1, 0, 1, 1)),
+        (FwdTiles(16, 16, stages=1), BwdTiles(16, 16, 16, 16, stages=1, fused=True), "(16, 16, 16, 16, 4, 1, 0, 1)"),
+        (FwdTiles(16, 16, stages=1), BwdTiles(16, 32, 32, 16, stages=1, fused=True), "(16, 32, 32, 16, 4, 1, 0, 1)"),
+        (FwdTiles(16, 16, stages=1, one_loop=True), BwdTiles(16, 32, 32, 16, stages=1, fused=True, one_loop=True),
+         "(16, 32, 32, 16, 4, 1, 0, 1, 1)"),
     ],
     ids=["bt16", "bt32", "bt32_one_loop"],
 )
-def test_fused_backward_band_edges(fwd, bwd):
+def test_fused_backward_band_edges(fwd, bwd, seed):
     """Fused band backward with bands wider than a tile: masked heads, full tiles and masked tails on both sides
-    (or, with one_loop, every band tile of a side in one masked loop)."""
-    from lightning_sparse.kernels import triton_backend
-
-    triton_backend.TUNING.clear()
-    triton_backend.TUNING.update({"fwd": fwd, "bwd": bwd})
-    try:
+    (or, with one_loop, every band tile of a side in one masked loop). ``seed``: the inputs' seed string, kept
+    from the first version of this test."""
+    with tile_override(fwd=fwd, bwd=bwd):
         for i, pattern in enumerate((Local(40), FixedBlock(40), Strided(24), Dense())):
-            q, k, v, do = _inputs(1, 2, 150, 32, torch.float16, seed=zlib.crc32(f"fused-{bwd}-{i}".encode()))
+            q, k, v, do = _inputs(1, 2, 150, 32, torch.float16, seed=zlib.crc32(f"fused-{seed}-{i}".encode()))
             check_against_reference(q, k, v, do, pattern)
-    finally:
-        triton_backend.TUNING.clear()
 
 
 @in_child
@@ -195,7 +220,7 @@ def test_backward_is_deterministic():
 
 @in_child
 def test_launch_plan_shares_launches_across_summary_offsets():
-    from lightning_sparse.kernels.block_tables import launch_plan
+    from lightning_sparse.kernels.launch_plan import launch_plan
 
     plan = launch_plan(Fixed(16, 4, (0, 1, 2, 3)), 8)
     assert len(plan) == 1 and plan[0].heads == tuple(range(8))
@@ -212,7 +237,7 @@ def test_launch_plan_shares_launches_across_summary_offsets():
 @pytest.mark.parametrize(
     "shape,dtype,why",
     [
-        ((1, 2, 64, 48), torch.bfloat16, "head_dim"),
+        ((1, 2, 64, 48), torch.bfloat16, "head widths"),
         ((1, 2, 64, 64), torch.float64, "dtypes"),
         ((1, 2, 64, 64), torch.bfloat16, "CUDA"),
     ],
@@ -221,6 +246,57 @@ def test_bad_inputs_raise_before_launch(shape, dtype, why):
     q = torch.randn(shape).to(dtype)
     with pytest.raises(ValueError, match=why):
         sparse_attention(q, q, q, Strided(8), backend="triton")
+
+
+@in_parent
+@pytest.mark.parametrize(
+    "k_shape,v_shape,match",
+    [
+        ((1, 2, 64, 32), (1, 2, 64, 48), "value head widths"),
+        ((1, 2, 64, 64), (1, 2, 64, 32), "same shape"),
+        ((1, 2, 64, 32), (1, 2, 60, 64), "same batch, heads and n"),
+    ],
+)
+def test_bad_widths_raise_before_launch(k_shape, v_shape, match):
+    q = torch.randn(1, 2, 64, 32).to(torch.bfloat16)
+    k, v = torch.randn(k_shape).to(torch.bfloat16), torch.randn(v_shape).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=match):
+        sparse_attention(q, k, v, Strided(8), backend="triton")
+
+
+@in_parent
+def test_reference_backend_takes_separate_widths():
+    q, k = torch.randn(1, 2, 40, 32), torch.randn(1, 2, 40, 32)
+    v = torch.randn(1, 2, 40, 64)
+    out = sparse_attention(q, k, v, Strided(8), backend="reference")
+    mask = head_masks(Strided(8), 40, 2)
+    assert out.shape == (1, 2, 40, 64)
+    torch.testing.assert_close(out, _attention(q, k, v, mask, 32**-0.5))
+
+
+@in_parent
+def test_tile_override_is_scoped_and_innermost_wins():
+    from lightning_sparse.kernels.tiles import DEFAULTS, select_tiles
+
+    default = select_tiles("fwd", "strided", 64, 64, torch.bfloat16)
+    assert default == DEFAULTS[("fwd", "strided", 64, 64)]
+    outer, inner = FwdTiles(32, 32), FwdTiles(16, 64, warps=8)
+    with tile_override(fwd=outer):
+        assert select_tiles("fwd", "local", 32, 64, torch.float32) == outer
+        with tile_override(fwd=inner, layout="strided", widths=(64, 64)):
+            assert select_tiles("fwd", "strided", 64, 64, torch.bfloat16) == inner
+            assert select_tiles("fwd", "strided", 64, 128, torch.bfloat16) == outer  # other widths
+            assert select_tiles("fwd", "natural", 64, 64, torch.bfloat16) == outer  # other layout
+        assert select_tiles("fwd", "strided", 64, 64, torch.bfloat16) == outer
+        assert select_tiles("bwd", "strided", 64, 64, torch.bfloat16) == DEFAULTS[("bwd", "strided", 64, 64)]
+    assert select_tiles("fwd", "strided", 64, 64, torch.bfloat16) == default
+    # unequal widths without an entry of their own take the wider width's tiles
+    assert select_tiles("bwd", "natural", 64, 128, torch.float16) == DEFAULTS[("bwd", "natural", 128, 128)]
+    with pytest.raises(ValueError, match="power of two"):
+        FwdTiles(48, 32)
+    with pytest.raises(ValueError, match="layout"):
+        with tile_override(fwd=outer, layout="diagonal"):
+            pass
 
 
 class _TwoBands(Pattern):
@@ -232,7 +308,7 @@ class _TwoBands(Pattern):
 
 @in_parent
 def test_pattern_without_kernel_raises():
-    from lightning_sparse.kernels.block_tables import launch_plan
+    from lightning_sparse.kernels.launch_plan import launch_plan
 
     with pytest.raises(ValueError, match="backend='torch'"):
         launch_plan(_TwoBands(), 2)

@@ -46,12 +46,13 @@ def chunked_attention(q, k, v, do, pattern: Pattern, scale: float, dtype: torch.
     Rows that see no key give zeros. Gradients of k and v are summed over the blocks in float64.
     """
     b, h, n, d = q.shape
+    d_v = v.shape[-1]
     groups = pattern.head_groups
     qd, kd, vd, dod = (x.to(dtype) for x in (q, k, v, do))
-    out = torch.empty(b, h, n, d, dtype=dtype, device=q.device)
-    dq = torch.empty_like(out)
+    out = torch.empty(b, h, n, d_v, dtype=dtype, device=q.device)
+    dq = torch.empty(b, h, n, d, dtype=dtype, device=q.device)
     dk = torch.zeros(b, h, n, d, dtype=torch.float64, device=q.device)
-    dv = torch.zeros_like(dk)
+    dv = torch.zeros(b, h, n, d_v, dtype=torch.float64, device=q.device)
     head_group = torch.arange(h, device=q.device) % groups
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
@@ -82,18 +83,22 @@ def kernel_attention(q, k, v, do, pattern: Pattern, scale: float | None, backend
 
 
 def check(b, h, n, d, dtype, pattern, scale=None, layout="bhnd", seed=0):
+    """``d``: one head width, or (d_qk, d_v) for query/key rows of width d_qk and value rows of width d_v."""
+    d_qk, d_v = (d, d) if isinstance(d, int) else d
     g = torch.Generator(device="cuda").manual_seed(seed)
+    widths = (d_qk, d_qk, d_v, d_v)
     if layout == "bnhd":  # the model's layout: [batch, n, heads, d] storage seen as [batch, heads, n, d]
-        q, k, v, do = (torch.randn(b, n, h, d, device="cuda", generator=g).to(dtype).transpose(1, 2) for _ in range(4))
+        q, k, v, do = (torch.randn(b, n, h, w, device="cuda", generator=g).to(dtype).transpose(1, 2) for w in widths)
     else:
-        q, k, v, do = (torch.randn(b, h, n, d, device="cuda", generator=g).to(dtype) for _ in range(4))
-    sc = d**-0.5 if scale is None else scale
+        q, k, v, do = (torch.randn(b, h, n, w, device="cuda", generator=g).to(dtype) for w in widths)
+    sc = d_qk**-0.5 if scale is None else scale
     chunk = max(256, min(4096, 2**26 // (b * h * n)))
     ref = chunked_attention(q, k, v, do, pattern, sc, torch.float64, chunk)
     plain = chunked_attention(q, k, v, do, pattern, sc, dtype, chunk)
     got = kernel_attention(q, k, v, do, pattern, scale)
     rel = []
     for name, x, p, r in zip(("out", "dq", "dk", "dv"), got, plain, ref, strict=True):
+        assert x.shape == r.shape, f"{name}: shape {tuple(x.shape)}, expected {tuple(r.shape)}"
         assert not torch.isnan(x).any(), f"{name} has NaN"
         err, err_plain = (x.double() - r).abs().max().item(), (p.double() - r).abs().max().item()
         scale_r = r.abs().max().item()
@@ -125,10 +130,24 @@ CASES = [
     (2, 8, 16384, 64, torch.bfloat16, Fixed(128, 32)),
     (1, 2, 65536, 64, torch.bfloat16, Strided(256)),
     (1, 2, 65536, 128, torch.bfloat16, Fixed(256, 64, (0, 1))),
+    # the paper configs' shapes (smaller batches): ImageNet 64 (16 heads of 32), CIFAR-10 (d_qk 64, d_v 128),
+    # Enwik8 (per-head summaries), audio (width 32 at n = 65,536); separate widths both ways, fp16 and fp32
+    (2, 16, 12288, 32, torch.bfloat16, Strided(128)),
+    (4, 2, 3072, (64, 128), torch.bfloat16, Strided(96)),
+    (2, 8, 12288, 64, torch.bfloat16, Fixed(128, 32, (0, 1, 2, 3))),
+    (1, 4, 65536, 32, torch.bfloat16, Strided(256)),
+    (2, 4, 4096, (128, 32), torch.float16, Fixed(128, 32, (0, 1))),
+    (2, 4, 4096, (32, 64), torch.bfloat16, HeadSplit((Local(64), StridedColumns(64)))),
+    (1, 2, 2000, (64, 32), torch.float32, Strided(40)),
 ]
 
 
-@pytest.mark.parametrize("b,h,n,d,dtype,pattern", CASES, ids=[f"{c[5]!r}-n{c[2]}-d{c[3]}-{c[4]}" for c in CASES])
+def _case_id(c) -> str:
+    d = c[3] if isinstance(c[3], int) else f"{c[3][0]}-{c[3][1]}"
+    return f"{c[5]!r}-n{c[2]}-d{d}-{c[4]}"
+
+
+@pytest.mark.parametrize("b,h,n,d,dtype,pattern", CASES, ids=[_case_id(c) for c in CASES])
 def test_matches_reference(b, h, n, d, dtype, pattern):
     check(b, h, n, d, dtype, pattern)
 
@@ -136,21 +155,18 @@ def test_matches_reference(b, h, n, d, dtype, pattern):
 @pytest.mark.parametrize("fused", [0, 1], ids=["split", "fused"])
 def test_both_backward_programs(fused):
     """Band launches' backward either way (separate dK/dV and dQ programs, or one fused program per tile)."""
-    from lightning_sparse.kernels import triton_backend as tb
+    from lightning_sparse.kernels.tiles import BwdTiles, tile_override
 
-    tb.TUNING.clear()
-    tb.TUNING.update({"bwd:local": (32, 64, 64, 32, 4, 2, 0, fused), "bwd:strided": (32, 64, 64, 32, 4, 2, 0, fused),
-                      "bwd:natural": (32, 64, 64, 32, 4, 2, 0, fused)})
-    try:
+    with tile_override(bwd=BwdTiles(32, 64, 64, 32, warps=4, stages=2, fused=bool(fused))):
         check(1, 2, 8192, 64, torch.bfloat16, Strided(128))
         check(1, 2, 4096, 64, torch.bfloat16, Dense())
-    finally:
-        tb.TUNING.clear()
+        check(1, 2, 4096, (32, 128), torch.bfloat16, Local(256))
 
 
 def test_model_layout_odd_length_and_scale():
     check(2, 4, 3001, 64, torch.bfloat16, Strided(50), scale=0.2, layout="bnhd")
     check(2, 4, 3001, 64, torch.bfloat16, Fixed(64, 16, (0, 2)), scale=0.2, layout="bnhd")
+    check(2, 2, 3001, (64, 128), torch.bfloat16, Strided(96), scale=0.2, layout="bnhd")
 
 
 def test_longest_sequence_matches_torch_backend():

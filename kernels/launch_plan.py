@@ -1,4 +1,4 @@
-"""Launch plans of the ``triton`` backend: which kernel launches compute a pattern, built once and cached.
+"""The launch planner of the ``triton`` backend: which kernel launches compute a pattern, built once and cached.
 
 A pattern's heads are split into head groups, each group into disjoint primitive parts (:meth:`Pattern.parts`).
 Parts that live in the natural layout (a band: ``Dense``, ``Local``, ``FixedBlock``; and ``FixedSummary``) run in
@@ -17,7 +17,11 @@ import torch
 
 from .patterns import Dense, FixedBlock, FixedSummary, Local, Pattern, StridedColumns
 
-# Kept equal to the constants of triton_kernels.py (which imports triton, so it cannot be imported here).
+# The one definition of the part codes: the planner writes them into each Launch, and triton_kernels.py imports them
+# as tl.constexpr globals for the jit code (this module imports no triton, so the planner runs without it).
+# Band parts: none, causal (Dense; the strided part in the strided layout), the last `width` positions (Local),
+# the own block of `width` positions (FixedBlock). Summary parts: none, cells at or before the query
+# (FixedSummary), cells of earlier blocks only (FixedSummary(previous_blocks_only=True), the summary part of Fixed).
 BAND_NONE, BAND_CAUSAL, BAND_LOCAL, BAND_FIXED = 0, 1, 2, 3
 SUM_NONE, SUM_UPTO, SUM_PREV = 0, 1, 2
 
