@@ -1,23 +1,25 @@
 """The ``triton`` backend: fused flash-style forward and backward kernels for every Sparse Transformer pattern.
 
-``triton_attention(q, k, v, pattern, scale)`` validates its inputs (raising ``ValueError`` before any launch),
-looks up the cached launch plan of the pattern (:mod:`.block_tables`) and runs the kernels of
-:mod:`.triton_kernels` under an autograd function. Triton is imported only when a kernel is about to run, so
+``triton_attention(q, k, v, pattern, scale)`` checks what is this backend's own (head widths, dtypes, device,
+32-bit offsets; ``sparse_attention`` validated the rest), raising ``ValueError`` before any launch, and calls the
+``torch.ops.lightning_sparse.attention_forward`` custom operator (:mod:`.ops`), whose implementation looks up the
+cached launch plan of the pattern (:mod:`.block_tables`) and runs the kernels of :mod:`.triton_kernels` through
+:func:`_forward` / :func:`_backward`. Triton is imported only when a kernel is about to run, so
 ``import lightning_sparse`` works without it.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-from .attention import check_inputs
 from .block_tables import BAND_LOCAL, Launch, head_tables, launch_plan
 from .patterns import Pattern
 
 HEAD_DIMS = (32, 64, 128)
+# Whether the kernels take a value width different from the query/key width (issue 9; the `kern` branch).
+SEPARATE_WIDTHS = False
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # Tile overrides for tests and tuning sweeps: keys "fwd" -> (BM, BN, warps, stages[, maxnreg[, one_loop]]) and
@@ -52,21 +54,25 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float | None) -> float:
-    check_inputs(q, k, v, pattern)
-    d = q.shape[-1]
-    if d not in HEAD_DIMS:
+def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """This backend's own input rules (shapes, dtypes agreeing, devices and scale were checked by sparse_attention)."""
+    d_qk, d_v = q.shape[-1], v.shape[-1]
+    for name, d in (("query/key", d_qk), ("value", d_v)):
+        if d not in HEAD_DIMS:
+            raise ValueError(
+                f"backend='triton' supports head widths in {HEAD_DIMS}, got {name} head_dim={d}; pad the head "
+                f"dimension to one of them or use backend='torch'."
+            )
+    if d_qk != d_v and not SEPARATE_WIDTHS:
         raise ValueError(
-            f"backend='triton' supports head_dim in {HEAD_DIMS}, got head_dim={d}; pad the head dimension to one of "
-            f"them or use backend='torch'."
+            f"these triton kernels take one head width for q, k and v, got d_qk={d_qk} and d_v={d_v}; zero-pad the "
+            "narrower side (zeros add nothing to q·kᵀ) or use backend='torch'."
         )
     if q.dtype not in DTYPES:
         raise ValueError(
             f"backend='triton' supports dtypes bfloat16, float16 and float32, got {q.dtype}; cast the inputs "
             f"(e.g. q.to(torch.bfloat16)) or use backend='torch'."
         )
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}.")
     if q.device.type != "cuda" and not _interpreting():
         raise ValueError(
             f"backend='triton' runs on CUDA tensors, got tensors on {q.device}; move them with .cuda(), use "
@@ -81,11 +87,6 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
                 f"{name} spans {reach} elements within one (batch, head): more than the kernels' 32-bit row "
                 f"offsets allow (2^31); make it contiguous as [batch, heads, n, head_dim] or shorten the sequence."
             )
-    if scale is None:
-        return 1.0 / math.sqrt(d)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}; the default is 1/sqrt(head_dim).")
-    return float(scale)
 
 
 def _pow2_at_most(x: int, cap: int, floor: int = 16) -> int:
@@ -217,33 +218,20 @@ def _backward(q, k, v, out, lse, do, plan: tuple[Launch, ...], scale: float):
     return dq, dk, dv
 
 
-class _TritonSparseAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, plan, scale):  # type: ignore[override]
-        out, lse = _forward(q, k, v, plan, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan = plan
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx, do):  # type: ignore[override]
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, do, ctx.plan, ctx.scale)
-        return dq, dk, dv, None, None
-
-
-def triton_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float | None = None
-) -> torch.Tensor:
+def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
     """Sparse causal attention of ``pattern`` with the fused Triton kernels; differentiable in q, k, v.
 
-    Inputs are ``[batch, heads, n, head_dim]`` (any strides) with head_dim 32, 64 or 128 and dtype bfloat16,
-    float16 or float32, on CUDA (or on the CPU under ``TRITON_INTERPRET=1``). ``scale`` defaults to
-    ``1/sqrt(head_dim)``. Rows that see no key (possible only for standalone parts such as ``FixedSummary``)
-    give zeros.
+    q, k ``[batch, heads, n, d_qk]``, v ``[batch, heads, n, d_v]`` (any strides), head widths 32, 64 or 128,
+    dtype bfloat16, float16 or float32, on CUDA (or on the CPU under ``TRITON_INTERPRET=1``); ``scale`` is the
+    resolved score scale. Called by ``sparse_attention``, which validated the rest. Runs the
+    ``torch.ops.lightning_sparse.attention_forward`` custom operator (opaque to ``torch.compile``). Rows that see
+    no key (possible only for standalone parts such as ``FixedSummary``) give zeros.
     """
-    scale = _validate(q, k, v, pattern, scale)
-    plan = launch_plan(pattern, q.shape[1])
-    _kernels()
-    return _TritonSparseAttention.apply(q, k, v, plan, scale)
+    _validate(q, k, v)
+    if not torch.compiler.is_compiling():  # eager: fail before any launch; compiled: checked when first traced
+        launch_plan(pattern, q.shape[1])  # a pattern without kernels raises here
+        _kernels()
+    from .ops import attention_forward, pattern_key
+
+    out, _ = attention_forward(q, k, v, pattern_key(pattern), scale)
+    return out
