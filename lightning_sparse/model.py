@@ -24,6 +24,7 @@ __all__ = [
     "START",
     "SparseTransformerConfig",
     "SparseTransformer",
+    "compile_blocks",
     "default_position_shape",
     "quick_gelu",
 ]
@@ -365,3 +366,17 @@ class SparseTransformer(nn.Module):
     def num_parameters(self) -> int:
         """Number of trainable parameters."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def compile_blocks(model: SparseTransformer, mode: str | None = None) -> SparseTransformer:
+    """``torch.compile`` each residual block and the output head in place (torchtitan style), from outside.
+
+    Per-block compilation keeps compile time independent of depth: blocks that share a pattern object (every
+    block but those of different ``Interleaved`` entries) reuse one compiled graph. ``nn.Module.compile`` compiles
+    in place, so ``state_dict`` keys carry no ``_orig_mod.`` prefix and checkpoints load into uncompiled models.
+    """
+    for block in model.blocks:
+        block.compile(mode=mode)
+    model.norm.compile(mode=mode)
+    model.head.compile(mode=mode)
+    return model

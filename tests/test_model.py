@@ -296,3 +296,36 @@ def test_sampling_follows_the_model_distribution():
         model.head.weight[65] = 100.0
     out = sample(model, torch.tensor([[START]]), 50, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out, torch.full((1, 50), 65))
+
+
+def test_compiled_density_model_shares_block_graphs_and_keeps_clean_state_dict_keys(tmp_path):
+    """compile=True compiles each block in place (configure_model): one graph serves all identical blocks, and the
+    state dict (what a checkpoint holds) has the uncompiled model's keys, so it loads into compile=False."""
+    from torch._dynamo.utils import counters
+
+    from lightning_sparse.text import TextDensityModel
+
+    kw = dict(seq_len=32, n_layer=3, n_head=2, d_model=32, pattern=Strided(8), attention_backend="torch")
+    compiled, plain = TextDensityModel(compile=True, **kw), TextDensityModel(**kw)
+    for m in (compiled, plain):
+        m.configure_model()
+    assert all(block._compiled_call_impl is not None for block in compiled.model.blocks)
+    torch.nn.init.normal_(compiled.model.head.weight)
+    path = tmp_path / "weights.pt"
+    torch.save(compiled.state_dict(), path)
+    state = torch.load(path, weights_only=True)
+    assert list(state) == list(plain.state_dict()) and not any("_orig_mod" in k for k in state)
+    plain.load_state_dict(state)
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), plain(x), rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 3  # one for the three blocks, the final norm, the head
+
+
+def test_compile_mode_is_validated():
+    from lightning_sparse.text import TextDensityModel
+
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        TextDensityModel(seq_len=32, compile=True, compile_mode="fast")
