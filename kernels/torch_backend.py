@@ -12,6 +12,8 @@ part). The parts are disjoint, so the softmax over their union is the log-sum-ex
 * :class:`FixedSummary` — the summary keys of all blocks, gathered once (``n/l · c`` keys); queries in chunks.
 * :class:`Dense` — every key, queries in chunks (O(n²) time, bounded memory).
 
+q and k are ``[b, h, n, d_qk]``, v ``[b, h, n, d_v]``; the widths may differ.
+
 Softmax statistics are computed in float32 (float64 for float64 inputs); the result has ``q.dtype``.
 """
 
@@ -36,17 +38,26 @@ Part = tuple[torch.Tensor, torch.Tensor]  # (out [b, h, n, d], lse [b, h, n]) in
 def torch_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float | None = None
 ) -> torch.Tensor:
-    """Causal attention of ``q, k, v`` (``[batch, heads, n, head_dim]``) restricted to a uniform ``pattern``.
+    """Causal attention restricted to ``pattern``: q, k ``[batch, heads, n, d_qk]``, v ``[batch, heads, n, d_v]``.
 
-    ``scale`` defaults to ``1/sqrt(head_dim)``. Rows that see no key return 0. Called through
-    ``sparse_attention(..., backend="torch")``, which splits per-head patterns into uniform head groups first.
+    ``scale`` defaults to ``1/sqrt(d_qk)``. Rows that see no key return 0. A per-head pattern runs once per head
+    group (head ``h`` is in group ``h % G``) on that group's uniform pattern. Inputs are validated by
+    ``sparse_attention``, the usual way to call this.
     """
-    if pattern.head_groups != 1:
-        raise ValueError(
-            f"torch_attention takes a uniform pattern, got {pattern!r} with {pattern.head_groups} head groups; "
-            "call sparse_attention(..., backend='torch'), which splits the heads by group."
-        )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    groups = pattern.head_groups
+    if groups == 1:
+        return _uniform_attention(q, k, v, pattern, scale)
+    outs = [
+        _uniform_attention(q[:, g::groups], k[:, g::groups], v[:, g::groups], pattern.head_group(g), scale)
+        for g in range(groups)
+    ]
+    b, h, n, d_v = v.shape
+    return torch.stack(outs, dim=2).reshape(b, h, n, d_v)  # [b, h/G, G, n, d_v]: head i·G + g
+
+
+def _uniform_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float):
+    """One head group: every part of ``pattern.parts()`` computed where it is cheap, merged by log-sum-exp."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32  # softmax statistics never in half
     qc, kc, vc = q.to(compute) * scale, k.to(compute), v.to(compute)
     parts = [attend_part(qc, kc, vc, part) for part in pattern.parts()]

@@ -1,20 +1,21 @@
 """The ``triton`` backend: fused flash-style forward and backward kernels for every Sparse Transformer pattern.
 
-``triton_attention(q, k, v, pattern, scale)`` validates its inputs (raising ``ValueError`` before any launch),
-looks up the cached launch plan of the pattern (:mod:`.launch_plan`), picks each launch's tiles (:mod:`.tiles`)
-and runs the kernels of :mod:`.triton_kernels` under an autograd function. Triton is imported only when a kernel is about to run, so
+``triton_attention(q, k, v, pattern, scale)`` checks what is this backend's own (head widths, dtypes, device,
+32-bit offsets; ``sparse_attention`` validated the rest), raising ``ValueError`` before any launch, and calls the
+``torch.ops.lightning_sparse.attention_forward`` custom operator (:mod:`.ops`), whose implementation looks up the
+cached launch plan of the pattern (:mod:`.launch_plan`), picks each launch's tiles (:mod:`.tiles`) and runs the
+kernels of :mod:`.triton_kernels` through :func:`_forward` / :func:`_backward`. Triton is imported only when a
+kernel is about to run, so
 ``import lightning_sparse`` works without it.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from typing import Any
 
 import torch
 
-from .attention import check_inputs
 from .launch_plan import BAND_LOCAL, SUM_NONE, Launch, head_tables, launch_plan
 from .patterns import Pattern
 from .tiles import BwdTiles, FwdTiles, select_tiles
@@ -47,22 +48,20 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float | None) -> float:
-    check_inputs(q, k, v, pattern)
-    for name, d in (("query/key", q.shape[-1]), ("value", v.shape[-1])):
+def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """This backend's own input rules (shapes, dtypes agreeing, devices and scale were checked by sparse_attention)."""
+    d_qk, d_v = q.shape[-1], v.shape[-1]
+    for name, d in (("query/key", d_qk), ("value", d_v)):
         if d not in HEAD_DIMS:
             raise ValueError(
-                f"backend='triton' supports {name} head widths in {HEAD_DIMS}, got {d}; pad the head dimension to one "
-                f"of them or use backend='torch'."
+                f"backend='triton' supports head widths in {HEAD_DIMS}, got {name} head_dim={d}; pad the head "
+                f"dimension to one of them or use backend='torch'."
             )
-    d = q.shape[-1]
     if q.dtype not in DTYPES:
         raise ValueError(
             f"backend='triton' supports dtypes bfloat16, float16 and float32, got {q.dtype}; cast the inputs "
             f"(e.g. q.to(torch.bfloat16)) or use backend='torch'."
         )
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}.")
     if q.device.type != "cuda" and not _interpreting():
         raise ValueError(
             f"backend='triton' runs on CUDA tensors, got tensors on {q.device}; move them with .cuda(), use "
@@ -77,11 +76,6 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
                 f"{name} spans {reach} elements within one (batch, head): more than the kernels' 32-bit row "
                 f"offsets allow (2^31); make it contiguous as [batch, heads, n, head_dim] or shorten the sequence."
             )
-    if scale is None:
-        return 1.0 / math.sqrt(d)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}; the default is 1/sqrt(head_dim).")
-    return float(scale)
 
 
 def _layout(launch: Launch) -> str:
@@ -202,33 +196,20 @@ def _backward(
     return dq, dk, dv
 
 
-class _TritonSparseAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, plan, scale):  # type: ignore[override]
-        out, lse = _forward(q, k, v, plan, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan = plan
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx, do):  # type: ignore[override]
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, do, ctx.plan, ctx.scale)
-        return dq, dk, dv, None, None
-
-
-def triton_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float | None = None
-) -> torch.Tensor:
+def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
     """Sparse causal attention of ``pattern`` with the fused Triton kernels; differentiable in q, k, v.
 
-    q, k are ``[batch, heads, n, d_qk]`` and v ``[batch, heads, n, d_v]`` (any strides; d_qk, d_v each 32, 64 or
-    128), dtype bfloat16, float16 or float32, on CUDA (or on the CPU under ``TRITON_INTERPRET=1``); the result is
-    ``[batch, heads, n, d_v]``. ``scale`` defaults to ``1/sqrt(d_qk)``. Rows that see no key (possible only for standalone parts such as ``FixedSummary``)
-    give zeros.
+    q, k ``[batch, heads, n, d_qk]``, v ``[batch, heads, n, d_v]`` (any strides), head widths 32, 64 or 128,
+    dtype bfloat16, float16 or float32, on CUDA (or on the CPU under ``TRITON_INTERPRET=1``); ``scale`` is the
+    resolved score scale. Called by ``sparse_attention``, which validated the rest. Runs the
+    ``torch.ops.lightning_sparse.attention_forward`` custom operator (opaque to ``torch.compile``). Rows that see
+    no key (possible only for standalone parts such as ``FixedSummary``) give zeros.
     """
-    scale = _validate(q, k, v, pattern, scale)
-    plan = launch_plan(pattern, q.shape[1])
-    _kernels()
-    return _TritonSparseAttention.apply(q, k, v, plan, scale)
+    _validate(q, k, v)
+    if not torch.compiler.is_compiling():  # eager: fail before any launch; compiled: checked when first traced
+        launch_plan(pattern, q.shape[1])  # a pattern without kernels raises here
+        _kernels()
+    from .ops import attention_forward, pattern_key
+
+    out, _ = attention_forward(q, k, v, pattern_key(pattern), scale)
+    return out

@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -25,6 +24,7 @@ __all__ = [
     "START",
     "SparseTransformerConfig",
     "SparseTransformer",
+    "compile_blocks",
     "default_position_shape",
     "quick_gelu",
 ]
@@ -73,8 +73,8 @@ class SparseTransformerConfig:
             ``(seq_len // stride, stride)`` from the pattern for 1-D data (see :func:`default_position_shape`).
             Images use ``(H, W, C)``.
         start_token: Add a learned start-of-sequence input token (id :data:`START` = 256) [DA].
-        attention_backend: ``sparse_attention`` backend: "auto" (triton on CUDA, torch elsewhere), "torch",
-            "triton" or "reference".
+        attention_backend: ``sparse_attention`` backend: "auto" (on CUDA sdpa for ``Dense()`` and triton for
+            sparse patterns; torch elsewhere), "torch", "triton", "sdpa" (``Dense()`` only) or "reference".
         recompute: Recompute attention and feed-forward activations in the backward pass [P §5.4].
     """
 
@@ -247,8 +247,8 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 class SparseSelfAttention(nn.Module):
     """Multi-head causal self-attention restricted to one pattern, through ``kernels.sparse_attention``.
 
-    Query/key heads have width ``d_qk / n_head`` (``qk_ratio``), value heads ``d_model / n_head``; scores are
-    scaled by ``1/√(query head width)`` as [RC]. Init [DA]: q, k, v std √(0.125/d_model); the output
+    Query/key heads have width ``d_qk / n_head`` (``qk_ratio``), value heads ``d_model / n_head``, passed to
+    ``sparse_attention`` as they are (no padding); scores are scaled by ``1/√(query head width)`` as [RC]. Init [DA]: q, k, v std √(0.125/d_model); the output
     projection W_p std √(0.125/d_model)/√(2N) [P §5.2: W_p scaled by 1/√(2N)]; zero biases.
     """
 
@@ -266,13 +266,8 @@ class SparseSelfAttention(nn.Module):
         b, n, _ = x.shape
         q, k, v = self.qkv(x).split([self.d_qk, self.d_qk, self.d_v], dim=-1)
         q, k, v = (t.view(b, n, self.n_head, -1).transpose(1, 2) for t in (q, k, v))  # [b, h, n, head]
-        hd_qk, hd_v = q.shape[-1], v.shape[-1]
-        # sparse_attention takes one head width for q, k and v: zero-pad the narrower side (zeros add nothing to q·k).
-        width = max(hd_qk, hd_v)
-        q, k = F.pad(q, (0, width - hd_qk)), F.pad(k, (0, width - hd_qk))
-        v = F.pad(v, (0, width - hd_v))
-        y = sparse_attention(q, k, v, self.pattern, scale=1.0 / math.sqrt(hd_qk), backend=self.backend)
-        y = y[..., :hd_v].transpose(1, 2).reshape(b, n, self.d_v)
+        y = sparse_attention(q, k, v, self.pattern, scale=1.0 / math.sqrt(q.shape[-1]), backend=self.backend)
+        y = y.transpose(1, 2).reshape(b, n, self.d_v)
         return self.proj(y)
 
 
@@ -371,3 +366,17 @@ class SparseTransformer(nn.Module):
     def num_parameters(self) -> int:
         """Number of trainable parameters."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def compile_blocks(model: SparseTransformer, mode: str | None = None) -> SparseTransformer:
+    """``torch.compile`` each residual block and the output head in place (torchtitan style), from outside.
+
+    Per-block compilation keeps compile time independent of depth: blocks that share a pattern object (every
+    block but those of different ``Interleaved`` entries) reuse one compiled graph. ``nn.Module.compile`` compiles
+    in place, so ``state_dict`` keys carry no ``_orig_mod.`` prefix and checkpoints load into uncompiled models.
+    """
+    for block in model.blocks:
+        block.compile(mode=mode)
+    model.norm.compile(mode=mode)
+    model.head.compile(mode=mode)
+    return model

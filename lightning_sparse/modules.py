@@ -12,15 +12,23 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from jsonargparse import set_parsing_settings
 
 from lightning_sparse import kernels
 from lightning_sparse.kernels import Dense, Interleaved, Pattern
 from lightning_sparse.metrics import BitsPerDim
-from lightning_sparse.model import START, VOCAB_SIZE, SparseTransformer, SparseTransformerConfig, default_position_shape
+from lightning_sparse.model import (
+    START,
+    VOCAB_SIZE,
+    SparseTransformer,
+    SparseTransformerConfig,
+    compile_blocks,
+    default_position_shape,
+)
 from lightning_sparse.sampling import sample
 
-__all__ = ["DensityModel", "WarmupCosine"]
+__all__ = ["COMPILE_MODES", "DensityModel", "WarmupCosine"]
+
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # Checkpoints of modules built in Python (not through the CLI) store Pattern objects in their hyperparameters;
 # let torch.load(weights_only=True), Lightning's default, rebuild these plain frozen dataclasses of ints.
@@ -28,7 +36,12 @@ PATTERN_CLASSES = [obj for obj in map(vars(kernels).get, kernels.__all__) if isi
 torch.serialization.add_safe_globals(PATTERN_CLASSES)
 # Serialize an Interleaved schedule with its class_path, so a printed or saved config parses back unambiguously
 # against the `Pattern | Interleaved` type (jsonargparse otherwise writes the bare dataclass fields).
-set_parsing_settings(subclasses_enabled=[Interleaved])
+try:  # jsonargparse is needed by the CLI only; the model, benchmarks and GPU tests run without it
+    from jsonargparse import set_parsing_settings
+except ImportError:
+    pass
+else:
+    set_parsing_settings(subclasses_enabled=[Interleaved])
 
 
 class WarmupCosine:
@@ -90,6 +103,11 @@ class DensityModel(L.LightningModule):
         start_token: Prepend a learned start token so the first byte is scored too (record data such as images).
         attention_backend: "auto" (triton on CUDA, torch elsewhere), "torch", "triton" or "reference".
         recompute: Recompute attention and feed-forward activations in the backward pass to save memory.
+        compile: ``torch.compile`` every residual block (and the output head) in ``configure_model``, from outside
+            the network: compile time does not grow with depth, identical blocks share one graph, state-dict keys
+            stay unchanged. The Triton kernels are opaque custom operators, so Inductor fuses everything around them.
+        compile_mode: ``torch.compile`` mode when ``compile``: None (default), "max-autotune-no-cudagraphs", or
+            "reduce-overhead" (CUDA graphs; only for static shapes).
         lr: Peak learning rate of AdamW.
         weight_decay: Decoupled weight decay, applied only to tensors with at least 2 dimensions (as the authors'
             code): weight matrices and embeddings, not biases or LayerNorm parameters.
@@ -117,6 +135,8 @@ class DensityModel(L.LightningModule):
         start_token: bool = False,
         attention_backend: str = "auto",
         recompute: bool = False,
+        compile: bool = False,
+        compile_mode: str | None = None,
         lr: float = 3.5e-4,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -147,6 +167,10 @@ class DensityModel(L.LightningModule):
                 f"{type(self).__name__}: decay_steps={decay_steps!r} must be an integer > warmup_steps={warmup_steps} "
                 "(or None to decay over the whole run)."
             )
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(
+                f"{type(self).__name__}: compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}."
+            )
         # Validate the network's hyperparameters now (errors at construction), build the network in configure_model.
         self.config = SparseTransformerConfig(
             seq_len=seq_len,
@@ -168,6 +192,7 @@ class DensityModel(L.LightningModule):
         self.warmup_steps, self.decay_steps = warmup_steps, decay_steps
         self.sample_length, self.sample_prompt_length = sample_length, sample_prompt_length
         self.sample_every_n_epochs = sample_every_n_epochs
+        self.compile_network, self.compile_mode = bool(compile), compile_mode  # (`self.compile` is nn.Module's)
         self.model: SparseTransformer | None = None
         self.train_bpd, self.val_bpd, self.test_bpd = BitsPerDim(), BitsPerDim(), BitsPerDim()
         self._prompt: torch.Tensor | None = None  # first validation inputs, the default sampling prompt
@@ -200,6 +225,8 @@ class DensityModel(L.LightningModule):
         """Build the network once (idempotent; Lightning calls this on every fit/validate/test and on load)."""
         if self.model is None:
             self.model = SparseTransformer(self.config)
+            if self.compile_network:
+                compile_blocks(self.model, mode=self.compile_mode)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits ``[batch, n, 256]`` for input ids ``[batch, n]``."""
@@ -315,7 +342,9 @@ class DensityModel(L.LightningModule):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas)
+        # one fused multi-tensor kernel per step when every parameter is a CUDA floating tensor
+        fused = all(p.is_cuda and p.is_floating_point() for p in params) or None
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas, fused=fused)
         total = self.decay_steps
         if total is None:
             total = self.trainer.estimated_stepping_batches

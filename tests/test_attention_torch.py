@@ -167,6 +167,94 @@ def test_half_precision_is_as_accurate_as_the_reference(name: str, dtype: torch.
         assert err <= 3 * ref_err + 1e-6, (what, err, ref_err)
 
 
+# --- separate query/key and value widths, the sdpa backend, validation ---------------------------------------------
+
+
+def widths_inputs(b: int, h: int, n: int, d_qk: int, d_v: int, dtype: torch.dtype, seed: int):
+    """q, k ``[b, h, n, d_qk]``, v and the upstream gradient ``[b, h, n, d_v]``."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(b, h, n, d_qk, generator=gen, dtype=torch.float64).to(dtype).requires_grad_() for _ in "qk")
+    v, g = (torch.randn(b, h, n, d_v, generator=gen, dtype=torch.float64).to(dtype) for _ in "vg")
+    return q, k, v.requires_grad_(), g
+
+
+@pytest.mark.parametrize(("d_qk", "d_v"), [(16, 32), (32, 8), (8, 8)])
+@pytest.mark.parametrize("name", ["dense", "local", "strided-7", "fixed-positions", "split-fixed", "summary-previous"])
+def test_separate_widths_match_masked_attention(name: str, d_qk: int, d_v: int) -> None:
+    """q, k of width d_qk and v of width d_v: torch and reference backends against float64 masked attention."""
+    pattern = PATTERNS[name]
+    q, k, v, g = widths_inputs(2, 2 * pattern.head_groups, 33, d_qk, d_v, torch.float64, seed_of(name, d_qk, d_v))
+    mask = head_masks(pattern, 33, q.shape[1])
+    want = run(lambda q, k, v, p, s: masked_attention(q, k, v, mask, s), q, k, v, g, pattern, 0.4)
+    for backend_fn in (torch_backend, reference):
+        got = run(backend_fn, q, k, v, g, pattern, 0.4)
+        for what, a, e in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+            assert a.shape == e.shape, what
+            assert rel_err(a, e) <= 1e-6, (backend_fn.__name__, what, rel_err(a, e))
+    assert got[0].shape == (2, q.shape[1], 33, d_v)
+
+
+@pytest.mark.parametrize(("d_qk", "d_v", "dtype"), [(16, 32, torch.float32), (32, 32, torch.bfloat16)])
+def test_sdpa_backend_is_dense_causal_attention(d_qk: int, d_v: int, dtype: torch.dtype) -> None:
+    q, k, v, g = widths_inputs(2, 3, 41, d_qk, d_v, dtype, seed_of("sdpa", d_qk, d_v))
+    sdpa = run(lambda q, k, v, p, s: sparse_attention(q, k, v, p, scale=s, backend="sdpa"), q, k, v, g, Dense(), 0.3)
+    ref = run(reference, q, k, v, g, Dense(), 0.3)
+    for what, a, e in zip(("out", "dq", "dk", "dv"), sdpa, ref, strict=True):
+        assert a.dtype == dtype and a.shape == e.shape, what
+        assert rel_err(a, e) <= (1e-5 if dtype == torch.float32 else 2e-2), (what, rel_err(a, e))
+
+
+@pytest.mark.parametrize("pattern", [Strided(4), Local(8), HeadSplit((Dense(), Local(4)))], ids=repr)
+def test_sdpa_backend_refuses_sparse_patterns(pattern: Pattern) -> None:
+    q = torch.zeros(1, 2, 16, 8)
+    with pytest.raises(ValueError, match=r"backend='sdpa' computes dense causal attention only"):
+        sparse_attention(q, q, q, pattern, backend="sdpa")
+
+
+def test_auto_picks_sdpa_for_dense_on_cuda_only() -> None:
+    from lightning_sparse.kernels.attention import resolve_backend
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_backend("auto", Dense(), cuda) == "sdpa"
+    assert resolve_backend("auto", Strided(4), cuda) == "triton"
+    assert resolve_backend("auto", Dense(), cpu) == resolve_backend("auto", Fixed(8, 2), cpu) == "torch"
+    assert resolve_backend("torch", Dense(), cuda) == "torch"
+
+
+@pytest.mark.parametrize(
+    ("shapes", "match"),
+    [
+        (((1, 2, 8, 16), (1, 2, 8, 8), (1, 2, 8, 16)), r"q and k must be .* the same shape"),
+        (((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 9, 16)), r"v \[batch, heads, n, d_v\] with the same batch, heads and n"),
+        (((1, 2, 8, 16), (1, 2, 8, 16), (2, 8, 16)), r"got q \(1, 2, 8, 16\), k \(1, 2, 8, 16\), v \(2, 8, 16\)"),
+    ],
+)
+def test_bad_shapes_raise_once_for_every_backend(shapes, match: str) -> None:
+    q, k, v = (torch.zeros(s) for s in shapes)
+    for backend in ("reference", "torch", "sdpa", "triton"):
+        with pytest.raises(ValueError, match=match):
+            sparse_attention(q, k, v, Dense(), backend=backend)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), True, "0.1"])
+def test_bad_scale_raises(scale) -> None:
+    q = torch.zeros(1, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"scale must be a finite number"):
+        sparse_attention(q, q, q, Dense(), scale=scale, backend="torch")
+
+
+def test_torch_attention_splits_head_groups_itself() -> None:
+    """Called directly (not through sparse_attention), the torch backend still takes per-head patterns."""
+    from lightning_sparse.kernels.torch_backend import torch_attention
+
+    pattern = Fixed(8, 2, (0, 1, 3))
+    q, k, v, g = widths_inputs(1, 6, 30, 8, 16, torch.float64, seed=5)
+    got = run(torch_attention, q, k, v, g, pattern)
+    want = run(reference, q, k, v, g, pattern)
+    for a, e in zip(got, want, strict=True):
+        assert rel_err(a, e) <= 1e-6
+
+
 class LargestTensor(TorchDispatchMode):
     """Records the largest number of elements of any tensor an operator returns (forward and backward)."""
 

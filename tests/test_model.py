@@ -98,7 +98,7 @@ def test_widths_follow_ff_mult_and_qk_ratio():
     attn, ff = model.blocks[0].attn, model.blocks[0].ff
     assert attn.qkv.weight.shape == (2 * 32 + 64, 64)  # q and k halved, v full width
     assert ff.fc1.weight.shape == (128, 64) and ff.fc2.weight.shape == (64, 128)
-    with_random_head(model)(torch.randint(0, 256, (1, 32))).sum().backward()  # padded-head path runs both ways
+    with_random_head(model)(torch.randint(0, 256, (1, 32))).sum().backward()  # narrow q/k heads, both ways
     assert attn.qkv.weight.grad.abs().sum() > 0
 
 
@@ -114,6 +114,29 @@ def test_half_width_queries_match_explicit_attention():
     scores = scores.masked_fill(~Dense().mask(32), float("-inf"))
     expected = attn.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(1, 32, 16))
     torch.testing.assert_close(attn(x), expected)
+
+
+def test_attention_gets_unpadded_query_key_and_value_widths(monkeypatch):
+    """qk_ratio=0.5: sparse_attention sees q, k of head width 4 and v of 8 (no zero padding), on every backend."""
+    import lightning_sparse.model as model_module
+
+    seen = []
+
+    def spy(q, k, v, pattern, **kw):
+        seen.append((q.shape, k.shape, v.shape, kw["scale"]))
+        return model_module.sparse_attention.__wrapped__(q, k, v, pattern, **kw)
+
+    spy.__wrapped__ = model_module.sparse_attention
+    monkeypatch.setattr(model_module, "sparse_attention", spy)
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (2, 32))
+    outs = []
+    for backend in ("reference", "torch"):
+        torch.manual_seed(0)
+        cfg = tiny(n_layer=1, n_head=2, d_model=16, qk_ratio=0.5, pattern=Strided(8), attention_backend=backend)
+        outs.append(with_random_head(SparseTransformer(cfg))(x))
+    assert seen[0] == ((2, 2, 32, 4), (2, 2, 32, 4), (2, 2, 32, 8), 0.5)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
 def test_position_embeddings_are_factorized_sums():
@@ -273,3 +296,36 @@ def test_sampling_follows_the_model_distribution():
         model.head.weight[65] = 100.0
     out = sample(model, torch.tensor([[START]]), 50, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out, torch.full((1, 50), 65))
+
+
+def test_compiled_density_model_shares_block_graphs_and_keeps_clean_state_dict_keys(tmp_path):
+    """compile=True compiles each block in place (configure_model): one graph serves all identical blocks, and the
+    state dict (what a checkpoint holds) has the uncompiled model's keys, so it loads into compile=False."""
+    from torch._dynamo.utils import counters
+
+    from lightning_sparse.text import TextDensityModel
+
+    kw = dict(seq_len=32, n_layer=3, n_head=2, d_model=32, pattern=Strided(8), attention_backend="torch")
+    compiled, plain = TextDensityModel(compile=True, **kw), TextDensityModel(**kw)
+    for m in (compiled, plain):
+        m.configure_model()
+    assert all(block._compiled_call_impl is not None for block in compiled.model.blocks)
+    torch.nn.init.normal_(compiled.model.head.weight)
+    path = tmp_path / "weights.pt"
+    torch.save(compiled.state_dict(), path)
+    state = torch.load(path, weights_only=True)
+    assert list(state) == list(plain.state_dict()) and not any("_orig_mod" in k for k in state)
+    plain.load_state_dict(state)
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), plain(x), rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 3  # one for the three blocks, the final norm, the head
+
+
+def test_compile_mode_is_validated():
+    from lightning_sparse.text import TextDensityModel
+
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        TextDensityModel(seq_len=32, compile=True, compile_mode="fast")

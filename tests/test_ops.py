@@ -1,0 +1,195 @@
+"""The Triton kernels as custom operators (``torch.ops.lightning_sparse``): fake tensors, opcheck, torch.compile of a
+whole residual block, selective activation checkpointing.
+
+Kernel runs need ``TRITON_INTERPRET=1`` set before triton is imported, so they run in a child pytest process
+(``test_ops_under_interpreter``), as in ``test_attention_triton.py``. Fake-tensor shapes, pattern keys and the
+compiled block on the torch backend run in the parent. Compile tests are few and tiny: CPU Inductor is slow.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from lightning_sparse.kernels import (
+    Dense,
+    Fixed,
+    FixedSummary,
+    HeadSplit,
+    Local,
+    Strided,
+    StridedColumns,
+    sparse_attention,
+)
+from lightning_sparse.kernels.ops import ATTENTION_OPS, pattern_from_key, pattern_key
+from lightning_sparse.model import Block, SparseTransformerConfig
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+ROOT = Path(__file__).resolve().parents[1]
+in_child = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 child process")
+in_parent = pytest.mark.skipif(INTERPRET, reason="runs in the parent process, without the interpreter")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+OPS = torch.ops.lightning_sparse
+
+
+@pytest.mark.skipif(INTERPRET or not HAS_TRITON, reason="this is the parent; needs triton installed")
+def test_ops_under_interpreter():
+    """Run this file's kernel tests in a child process with TRITON_INTERPRET=1 set before triton is imported."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__))]
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0 and " passed" in res.stdout, res.stdout[-6000:] + res.stderr[-3000:]
+
+
+def inputs(b, h, n, d_qk, d_v, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(b, h, n, d_qk, generator=g).to(dtype) for _ in "qk")
+    v, do = (torch.randn(b, h, n, d_v, generator=g).to(dtype) for _ in "vd")
+    return q, k, v, do
+
+
+def tiny_block(backend: str, pattern, recompute: bool, seed: int = 0) -> Block:
+    torch.manual_seed(seed)
+    cfg = SparseTransformerConfig(
+        seq_len=48, n_layer=2, n_head=2, d_model=64, pattern=pattern, attention_backend=backend, recompute=recompute
+    )
+    return Block(cfg, 0)
+
+
+def eager_and_compiled(block: Block, x: torch.Tensor):
+    """Output and parameter + input gradients of ``block`` eager, then of ``torch.compile(block, fullgraph=True)``."""
+    results = []
+    for fn in (block, torch.compile(block, fullgraph=True)):
+        xx = x.clone().requires_grad_()
+        out = fn(xx)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out.detach(), xx.grad, *(p.grad.clone() for p in block.parameters())])
+        block.zero_grad(set_to_none=True)
+    return results
+
+
+# ---------------------------------------------------------------- parent-process tests
+
+
+@in_parent
+@pytest.mark.parametrize(
+    "pattern",
+    [Dense(), Strided(8), Fixed(16, 4, (0, 1, 3)), HeadSplit((Local(8), StridedColumns(8, include_self=False))),
+     FixedSummary(16, 4, (0, 2), previous_blocks_only=True)],
+    ids=repr,
+)
+def test_pattern_keys_parse_back_to_equal_patterns(pattern):
+    key = pattern_key(pattern)
+    assert key == repr(pattern)
+    assert pattern_from_key(key) is pattern  # the object recorded by pattern_key
+    from lightning_sparse.kernels import ops
+
+    assert ops._build(__import__("ast").parse(key, mode="eval").body) == pattern  # a key never seen parses back
+
+
+@in_parent
+@pytest.mark.parametrize("key", ["__import__('os').system('true')", "Strided(stride=open('x'))", "Pattern()", "Strided("])
+def test_pattern_keys_refuse_anything_but_pattern_literals(key):
+    with pytest.raises(ValueError, match="names no lightning_sparse.kernels pattern"):
+        pattern_from_key(key)
+
+
+@in_parent
+def test_fake_tensors_propagate_shapes_and_dtypes():
+    key = pattern_key(Strided(8))
+    with FakeTensorMode():
+        q, k, v, _ = (torch.empty(2, 4, 100, w, dtype=torch.bfloat16) for w in (32, 32, 64, 64))
+        out, lse = OPS.attention_forward(q, k, v, key, 0.125)
+        assert out.shape == (2, 4, 100, 64) and out.dtype == torch.bfloat16
+        assert lse.shape == (2, 4, 100) and lse.dtype == torch.float32
+        dq, dk, dv = OPS.attention_backward(q, k, v, out, lse, torch.empty_like(out), key, 0.125)
+        assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+        assert dq.dtype == dk.dtype == dv.dtype == torch.bfloat16
+
+
+@in_parent
+def test_compiled_block_on_the_torch_backend_matches_eager():
+    """fullgraph=True: a whole residual block (norms, projections, attention, feed-forward) with no graph break."""
+    torch._dynamo.reset()
+    block = tiny_block("torch", Strided(8), recompute=False)
+    x = torch.randn(2, 48, 64)
+    eager, compiled = eager_and_compiled(block, x)
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- kernel tests (child process)
+
+
+@in_child
+@pytest.mark.parametrize(
+    ("pattern", "d_v"), [(Strided(8), 32), (Fixed(16, 4, (0, 1)), 32)], ids=["strided", "fixed_per_head"]
+)
+def test_opcheck(pattern, d_v):
+    """Schema, fake-tensor, autograd-registration and AOT-dispatch checks of torch.library on both ops."""
+    q, k, v, do = inputs(1, 2, 40, 32, d_v, seed=1)
+    key = pattern_key(pattern)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(OPS.attention_forward, (q, k, v, key, 0.2))
+    out, lse = OPS.attention_forward(q.detach(), k.detach(), v.detach(), key, 0.2)
+    torch.library.opcheck(OPS.attention_backward, (q.detach(), k.detach(), v.detach(), out, lse, do, key, 0.2))
+
+
+@in_child
+def test_selective_checkpointing_saves_the_attention_output():
+    """A policy naming ATTENTION_OPS keeps the op's output: the forward kernels run once, not again in backward."""
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    from lightning_sparse.kernels import triton_backend
+
+    calls = []
+    forward = triton_backend._forward
+
+    def counted(*args):
+        calls.append(1)
+        return forward(*args)
+
+    def save_attention(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+    def branch(q, k, v):
+        return sparse_attention(q.sin(), k, v, Strided(8), backend="triton").cos()
+
+    q, k, v, do = inputs(1, 2, 40, 32, 32, seed=2)
+    grads, counts = [], []
+    sac = functools.partial(create_selective_checkpoint_contexts, save_attention)
+    triton_backend._forward = counted
+    try:
+        for run in (branch, lambda *a: checkpoint(branch, *a, use_reentrant=False),
+                    lambda *a: checkpoint(branch, *a, use_reentrant=False, context_fn=sac)):
+            calls.clear()
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            (run(*leaves) * do).sum().backward()
+            grads.append([t.grad for t in leaves])
+            counts.append(len(calls))
+    finally:
+        triton_backend._forward = forward
+    assert counts == [1, 2, 1]  # plain: once; checkpoint: recomputed; selective checkpoint: saved
+    for g in grads[1:]:
+        for a, b in zip(grads[0], g, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@in_child
+def test_compiled_block_with_triton_ops_matches_eager():
+    """fullgraph=True around the opaque ops, recomputation (torch.utils.checkpoint) inside the compiled block."""
+    torch._dynamo.reset()
+    block = tiny_block("triton", Fixed(16, 4, (0, 1)), recompute=True)
+    x = torch.randn(2, 48, 64)
+    eager, compiled = eager_and_compiled(block, x)
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
