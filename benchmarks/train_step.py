@@ -1,28 +1,35 @@
-"""Time one training step of every paper config on one GPU and estimate the time per epoch.
+"""Whole training steps of every paper config, sparse against dense FlashAttention, eager and compiled, in one run.
 
-    python benchmarks/train_step.py                       # every configs/<paper>.yaml on the GPU
-    python benchmarks/train_step.py cifar10 enwik8 --batch cifar10=8 --steps 5
-    python benchmarks/train_step.py --smoke               # tiny versions on the CPU: checks the script runs
+    python benchmarks/train_step.py --configs cifar10,enwik8,imagenet64,audio_65k      # ≈ 9 min on one H200
+    python benchmarks/train_step.py --configs audio_262k,audio_1m
+    python benchmarks/train_step.py --configs enwik8 --variants sparse-compiled,dense-compiled --steps 5
+    python benchmarks/train_step.py --smoke                  # tiny models on the CPU: checks the script runs
 
-For each config the LightningModule named by its YAML (``model.class_path``/``init_args``, read with PyYAML) is
-built on the device with the config's recompute setting and attention backend (``auto`` = Triton on CUDA); one
-step is exactly what the Trainer runs under the config: ``training_step`` (loss over random bytes) under bf16
-autocast, backward, gradient-norm clipping at the config's ``gradient_clip_val``, a fused AdamW step. After
-``--warmup`` untimed steps (Triton compilation) the median of ``--steps`` timed steps is reported with the peak
-memory, and ``fwd ms``: one no-grad forward at batch 1, the cost of each sampled byte.
+For each config (``configs/<name>.yaml``, read with PyYAML and a small ``class_path`` resolver: no jsonargparse
+needed) the LightningModule is built as configured (layers, widths, pattern, recompute, the config's own batch)
+in up to four variants:
 
-Time per epoch on one GPU = step time × steps per epoch, steps per epoch = training sequences / per-GPU batch:
-CIFAR-10 50,000 − val_size images; Enwik8 (100M − val_bytes − test_bytes) // seq_len random crops;
-ImageNet 64×64 1,281,149 − val_size images (the Oord release); audio ``--audio-hours`` hours of training audio
-at the config's sample rate // seq_len crops (an assumption: the paper's data set is not public).
+* ``sparse`` / ``sparse-compiled``: the config's pattern on its backend (``auto``: Triton on CUDA), eager or with
+  ``compile=True`` (``torch.compile`` per residual block in ``configure_model``);
+* ``dense`` / ``dense-compiled``: the same model with ``Dense()`` attention on the ``sdpa`` backend
+  (``F.scaled_dot_product_attention(is_causal=True)``: FlashAttention), eager or compiled. Skipped where its
+  estimated attention time alone exceeds ``--dense-limit-s`` (the output says so).
+
+One step is what the Trainer runs under the config: ``training_step`` on random bytes under bf16 autocast,
+backward, gradient-norm clipping at ``gradient_clip_val``, a fused AdamW step. Reported: the first step (which
+includes Triton JIT and, compiled, the ``torch.compile`` time: ``compile s`` = first step − median step), the
+median of ``--steps`` steps after ``--warmup`` steps, tokens/s, model TFLOP/s (formula printed with the table),
+peak memory, and the fraction of the step the GPU is busy: the union of kernel intervals of one profiled step
+(torch.profiler) divided by the median step time. Rows print as they finish; JSON and Markdown are rewritten
+atomically after every row (``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import json
-import math
 import statistics
 import sys
 import time
@@ -30,15 +37,27 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
 from lightning_sparse.atomic import atomic_write
+from lightning_sparse.kernels import Dense, FixedBlock, FixedSummary, Interleaved, Local, Pattern, StridedColumns
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 PAPER_CONFIGS = ("cifar10", "enwik8", "imagenet64", "audio_65k", "audio_262k", "audio_1m")
-IMAGENET64_TRAIN = 1_281_149  # images in the van den Oord et al. train_64x64 release
-ENWIK8_BYTES = 100_000_000
+VARIANTS = ("sparse", "sparse-compiled", "dense", "dense-compiled")
+DENSE_TFLOPS_ESTIMATE = 400e12  # H200 dense causal SDPA forward+backward, bf16 (benchmarks/attention.py)
+FLOP_FORMULA = (
+    "model FLOPs per step = 6·N·T + Σ_layers 6·B·pairs·(d_qk + d_v): N = parameters without the token and position "
+    "embeddings (lookups), T = batch·seq_len tokens, pairs = allowed (query, key) pairs of the layer's pattern per "
+    "head (sparse: counted exactly from the pattern; dense: n(n+1)/2 ≈ n²/2), d_qk / d_v = the query/key and value "
+    "widths summed over heads; 6 = 2 (multiply-add) × 3 (forward + backward); recomputation is not counted"
+)
+
+
+# ----------------------------------------------------------------------------------------------- building models
 
 
 def instantiate(value: Any) -> Any:
@@ -63,188 +82,298 @@ def data_args(config: dict) -> dict:
     return args
 
 
-def training_sequences(config: dict, audio_hours: float) -> int:
-    """Training sequences in one epoch of the config's data module (see the module docstring)."""
-    data, kind = data_args(config), config["data"]["class_path"].rpartition(".")[2]
-    if kind == "CIFAR10DataModule":
-        return 50_000 - data["val_size"]
-    if kind == "Enwik8DataModule":
-        return data.get("train_samples") or (ENWIK8_BYTES - data["val_bytes"] - data["test_bytes"]) // data["seq_len"]
-    if kind == "ImageNet64DataModule":
-        return IMAGENET64_TRAIN - data["val_size"]
-    if kind == "AudioDataModule":
-        return int(audio_hours * 3600 * data["sample_rate"]) // data["seq_len"]
-    raise ValueError(f"no epoch size known for data module {kind}; add it to training_sequences()")
-
-
-def build_module(config: dict, smoke: bool) -> torch.nn.Module:
-    """The config's LightningModule; ``smoke`` shrinks it (2 layers, head width 32, context ≤ 16,384) for the CPU."""
-    model_args = dict(config["model"].get("init_args") or {})
-    model_args["seq_len"] = data_args(config)["seq_len"]  # the CLI links data.seq_len to the model
+def model_args(config: dict, smoke: bool) -> dict:
+    """The model's init_args as the CLI would pass them (seq_len linked from the data); ``smoke`` shrinks them."""
+    args = dict(config["model"].get("init_args") or {})
+    args["seq_len"] = data_args(config)["seq_len"]
+    for key in ("sample_length", "num_samples", "num_completions"):  # no sampling in a benchmark
+        if key in args:
+            args[key] = 0
     if smoke:
-        heads = min(model_args.get("n_head", 4), 4)
-        model_args.update(n_layer=2, n_head=heads, d_model=32 * heads, attention_backend="torch")
-        pattern = model_args.get("pattern") or {}
-        if model_args["seq_len"] > 16_384 and pattern.get("class_path", "").endswith(".Strided"):
-            model_args["seq_len"] = 16_384
-            model_args["pattern"] = {"class_path": pattern["class_path"], "init_args": {"stride": 128}}
-    return instantiate({"class_path": config["model"]["class_path"], "init_args": model_args})
+        heads = min(args.get("n_head", 4), 4)
+        args.update(n_layer=2, n_head=heads, d_model=16 * heads, attention_backend="torch")
+        if "image_shape" in args:
+            args["image_shape"] = [8, 8, 3]
+            args["seq_len"] = 192
+            args["pattern"] = {"class_path": "lightning_sparse.kernels.Strided", "init_args": {"stride": 24}}
+        elif args["seq_len"] > 1024:
+            args["seq_len"] = 1024
+            pattern = args.get("pattern") or {}
+            init = dict(pattern.get("init_args") or {})
+            init["stride"] = 32
+            if "summary" in init:
+                init["summary"] = 8
+            args["pattern"] = {"class_path": pattern["class_path"], "init_args": init}
+    return args
 
 
-def random_batch(module: Any, batch: int, device: torch.device) -> torch.Tensor:
-    """Random bytes in the module's batch form: records of seq_len with a start token, else seq_len + 1 windows."""
-    length = module.config.seq_len + (0 if module.config.start_token else 1)
-    return torch.randint(0, 256, (batch, length), dtype=torch.uint8, device=device)
+def build(config: dict, variant: str, smoke: bool) -> Any:
+    """The config's LightningModule for ``variant`` (dense: ``Dense()`` on sdpa, same position embeddings)."""
+    args = model_args(config, smoke)
+    args["compile"] = variant.endswith("-compiled")
+    path = config["model"]["class_path"]
+    module = instantiate({"class_path": path, "init_args": args})
+    if variant.startswith("dense"):
+        sparse_shape = module.config.position_shape
+        args.update(pattern={"class_path": "lightning_sparse.kernels.Dense"}, attention_backend="sdpa")
+        module = instantiate({"class_path": path, "init_args": args})
+        if module.config.position_shape != sparse_shape:  # text/audio derive it from the pattern's stride
+            module = instantiate({"class_path": path, "init_args": {**args, "position_shape": list(sparse_shape)}})
+    return module
 
 
-def optimizer_for(module: torch.nn.Module, fused: bool) -> torch.optim.Optimizer:
-    """AdamW with the module's groups (decay on ≥2-D tensors only), fused on CUDA."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": module.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=module.lr, betas=module.betas, fused=fused)
+# ----------------------------------------------------------------------------------------------- FLOPs
 
 
-def measure(name: str, config: dict, batch: int, steps: int, warmup: int, device: torch.device, smoke: bool,
-            audio_hours: float) -> dict:
-    """Build, warm up and time one config; returns a row of the table."""
+def part_pairs(part: Pattern, n: int) -> int:
+    """Allowed (query, key) pairs of one primitive part (a uniform pattern) at length ``n``, counted exactly."""
+    i = np.arange(n, dtype=np.int64)
+    if isinstance(part, Dense):
+        return n * (n + 1) // 2
+    if isinstance(part, Local):
+        return int(np.minimum(i + 1, part.width).sum())
+    if isinstance(part, StridedColumns):
+        return int((i // part.stride + int(part.include_self)).sum())
+    if isinstance(part, FixedBlock):
+        return int((i % part.stride + 1).sum())
+    if isinstance(part, FixedSummary):
+        stride, c, s = part.stride, part.summary, part.summary_start(0)
+        limit = (i // stride) * stride - 1 if part.previous_blocks_only else i  # last key position a query may see
+        count = limit + 1  # keys 0 … limit, of which c per block of `stride` from offset s
+        return int(((count // stride) * c + np.clip(count % stride - s, 0, c)).sum())
+    raise ValueError(f"no pair count for {part!r}")
+
+
+def pattern_pairs(pattern: Pattern, n: int) -> float:
+    """Allowed pairs per head, averaged over the head groups (heads are spread evenly over them)."""
+    groups = [pattern.head_group(g) for g in range(pattern.head_groups)]
+    return statistics.fmean(sum(part_pairs(p, n) for p in g.parts()) for g in groups)
+
+
+def model_flops(module: Any, batch: int) -> tuple[float, float]:
+    """(total, attention) model FLOPs of one training step, by :data:`FLOP_FORMULA`."""
+    cfg, net = module.config, module.model
+    embed = sum(p.numel() for m in (net.token_emb, net.pos_emb) for p in m.parameters())
+    n = cfg.seq_len
+    schedule = cfg.pattern.patterns if isinstance(cfg.pattern, Interleaved) else (cfg.pattern,)
+    pairs = {p: pattern_pairs(p, n) for p in schedule}
+    attention = sum(6 * batch * pairs[cfg.layer_pattern(r)] * (cfg.d_qk + cfg.d_model) for r in range(cfg.n_layer))
+    return 6 * (net.num_parameters() - embed) * batch * n + attention, attention
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+
+
+def busy_fraction(prof: Any) -> tuple[float | None, int]:
+    """Union of the GPU kernel/memcpy intervals of a profiled step, in seconds, and the number of kernels."""
+    intervals = []
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            intervals.append((e.time_range.start, e.time_range.end))  # microseconds
+    if not intervals:
+        return None, 0
+    intervals.sort()
+    busy, (lo, hi) = 0.0, intervals[0]
+    for s, e in intervals[1:]:
+        if s > hi:
+            busy, lo, hi = busy + hi - lo, s, e
+        else:
+            hi = max(hi, e)
+    return (busy + hi - lo) * 1e-6, len(intervals)
+
+
+def measure(name: str, config: dict, variant: str, args: argparse.Namespace, device: torch.device) -> dict:
+    """Build, warm up, time and profile one (config, variant); returns a row."""
     cuda = device.type == "cuda"
-    precision = str(config.get("trainer", {}).get("precision", "32-true"))
-    # bf16-mixed = bf16 autocast as Lightning runs it; the CPU smoke run stays in float32 (bf16 is slow there)
+    batch = 1 if args.smoke else data_args(config)["batch_size"]
+    trainer_cfg = config.get("trainer", {})
+    precision = str(trainer_cfg.get("precision", "32-true"))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16") and cuda)
-    clip = config.get("trainer", {}).get("gradient_clip_val")
-    module = build_module(config, smoke)
+    clip = trainer_cfg.get("gradient_clip_val")
+    torch._dynamo.reset()
+    module = build(config, variant, args.smoke)
     with torch.device(device):
         module.configure_model()
     module.train()
-    optimizer = optimizer_for(module, fused=cuda)
-    params = module.model.num_parameters()
-    data = random_batch(module, batch, device)
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": module.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=module.lr, betas=module.betas, fused=cuda)
+    n = module.config.seq_len
+    length = n + (0 if module.config.start_token else 1)
+    data = torch.randint(0, 256, (batch, length), dtype=torch.uint8, device=device)
+    flops, attention_flops = model_flops(module, batch)
 
     def step() -> None:
         with autocast:
             loss = module.training_step(data, 0)
         loss.backward()
         if clip:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
+            torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def sync() -> None:
+    def timed() -> float:
         if cuda:
             torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
+        start = time.perf_counter()
         step()
-    sync()
+        if cuda:
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    first = timed()
+    for _ in range(args.warmup - 1):
+        timed()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None  # no allocator statistics on the CPU
-    module.eval()
-    with torch.no_grad(), autocast:
-        one = random_batch(module, 1, device)[:, : module.config.seq_len]
-        module(one.long())  # warm the no-grad path (its own compilation)
-        sync()
-        start = time.perf_counter()
-        module(one.long())
-        sync()
-        forward = time.perf_counter() - start
+    times = [timed() for _ in range(args.steps)]
     step_s = statistics.median(times)
-    sequences = training_sequences(config, audio_hours)
-    steps_per_epoch = math.ceil(sequences / batch)
-    return {
-        "config": name + (" (smoke)" if smoke else ""),
-        "params": params,
+    busy, kernels = None, None
+    if cuda and not args.no_profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            timed()
+        busy_s, kernels = busy_fraction(prof)
+        busy = None if busy_s is None else min(1.0, busy_s / step_s)
+    row = {
+        "config": name + (" (smoke)" if args.smoke else ""),
+        "variant": variant,
+        "pattern": repr(module.config.pattern),
+        "backend": module.config.attention_backend,
+        "params": module.model.num_parameters(),
         "batch": batch,
-        "seq_len": module.config.seq_len,
+        "seq_len": n,
         "step_ms": step_s * 1e3,
-        "tokens_per_s": batch * module.config.seq_len / step_s,
-        "peak_gib": peak,
-        "fwd_ms": forward * 1e3,
-        "steps_per_epoch": steps_per_epoch,
-        "epoch_h": step_s * steps_per_epoch / 3600,
+        "steps_ms": [t * 1e3 for t in times],
+        "first_step_s": first,
+        "compile_s": max(0.0, first - step_s) if variant.endswith("-compiled") else None,
+        "tokens_per_s": batch * n / step_s,
+        "model_tflops": flops / step_s / 1e12,
+        "attention_share_of_flops": attention_flops / flops,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+        "gpu_busy": busy,
+        "kernels_per_step": kernels,
     }
+    return row
+
+
+def dense_estimate_s(config: dict, smoke: bool) -> float:
+    """Lower bound on the dense model's attention time per step at :data:`DENSE_TFLOPS_ESTIMATE`."""
+    args = model_args(config, smoke)
+    n, layers, d = args["seq_len"], args.get("n_layer", 4), args.get("d_model", 256)
+    batch = 1 if smoke else data_args(config)["batch_size"]
+    d_qk = args.get("qk_ratio", 1.0) * d
+    return layers * 6 * batch * n * (n + 1) / 2 * (d_qk + d) / DENSE_TFLOPS_ESTIMATE
+
+
+# ----------------------------------------------------------------------------------------------- output
+
+
+def fmt(value: Any, spec: str) -> str:
+    return "" if value is None else format(value, spec)
 
 
 def table(rows: list[dict]) -> str:
-    """The rows as a Markdown table."""
-    lines = ["| config | params | batch/GPU | step ms | tokens/s | peak GiB | fwd ms (b=1) | steps/epoch | h/epoch (1 GPU) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """The rows as a Markdown table; the dense rows carry the sparse/dense step-time ratio of the same compile mode."""
+    lines = [
+        "| config | variant | pattern | batch | step ms | sparse speed-up | tokens/s | model TFLOP/s | peak GiB | "
+        "GPU busy | kernels/step | first step s | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    steps = {(r["config"], r["variant"]): r.get("step_ms") for r in rows}
     for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['config']} | | {r['batch']} | {r['error']} | | | | | |")
+        if "error" in r or "skipped" in r:
+            lines.append(f"| {r['config']} | {r['variant']} | | | {r.get('error') or r['skipped']} | | | | | | | | |")
             continue
-        peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
+        speedup = ""
+        if r["variant"].startswith("dense"):
+            sparse = steps.get((r["config"], r["variant"].replace("dense", "sparse")))
+            speedup = f"{r['step_ms'] / sparse:.2f}×" if sparse else ""
+        busy = "" if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%"
         lines.append(
-            f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['step_ms']:.1f} | "
-            f"{r['tokens_per_s']:,.0f} | {peak} | {r['fwd_ms']:.1f} | {r['steps_per_epoch']:,} | "
-            f"{r['epoch_h']:.2f} |"
+            f"| {r['config']} | {r['variant']} | `{r['pattern']}` | {r['batch']} | {r['step_ms']:.1f} | {speedup} | "
+            f"{r['tokens_per_s']:,.0f} | {r['model_tflops']:.1f} | {fmt(r['peak_gib'], '.1f')} | {busy} | "
+            f"{fmt(r['kernels_per_step'], ',')} | {r['first_step_s']:.1f} | {fmt(r['compile_s'], '.1f')} |"
         )
     return "\n".join(lines)
 
 
-def write_json(path: Path, payload: dict) -> None:
-    """Write ``payload`` to ``path`` atomically (temporary file, fsync, rename)."""
-    with atomic_write(path) as f:
-        f.write(json.dumps(payload, indent=2).encode())
-
-
-def parse_batches(items: list[str]) -> dict[str, int]:
-    out = {}
-    for item in items:
-        name, _, value = item.partition("=")
-        if not value.isdigit() or int(value) <= 0:
-            raise SystemExit(f"--batch takes NAME=N with a positive N, e.g. cifar10=8; got {item!r}")
-        out[name] = int(value)
-    return out
+def save(out: Path, header: dict, rows: list[dict]) -> None:
+    """JSON and Markdown of everything so far, each written atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out.with_suffix(".json")) as f:
+        f.write(json.dumps({**header, "rows": rows}, indent=2).encode())
+    text = f"{header['title']}\n\n{FLOP_FORMULA}.\n\n{table(rows)}\n"
+    with atomic_write(out.with_suffix(".md")) as f:
+        f.write(text.encode())
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("configs", nargs="*", default=list(PAPER_CONFIGS), help="config names under configs/")
-    parser.add_argument("--batch", nargs="*", default=[], metavar="NAME=N",
-                        help="per-GPU batch overrides (default: the config's data.batch_size)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (Triton compilation)")
-    parser.add_argument("--audio-hours", type=float, default=100.0,
-                        help="hours of training audio assumed for the audio epochs (default 100)")
-    parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, batch 1, one timed step")
-    parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    parser.add_argument("--configs", default=",".join(PAPER_CONFIGS), help="comma-separated names under configs/")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after warm-up (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (JIT, compile), at least 1")
+    parser.add_argument("--dense-limit-s", type=float, default=15.0,
+                        help="skip dense variants whose attention alone would take longer per step (estimate at "
+                             f"{DENSE_TFLOPS_ESTIMATE / 1e12:.0f} TFLOP/s)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the profiled step (no GPU-busy column)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_step",
+                        help="writes OUT.json and OUT.md after every row")
+    parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, batch 1: checks the script")
     args = parser.parse_args(argv)
-    batches = parse_batches(args.batch)
+    names = [c for c in args.configs.split(",") if c]
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"--variants: {v!r} is not one of {', '.join(VARIANTS)}")
+    if args.warmup < 1 or args.steps < 1:
+        raise SystemExit("--warmup and --steps must be at least 1")
     if args.smoke:
-        device, args.steps, args.warmup = torch.device("cpu"), 1, 1
+        device = torch.device("cpu")
     elif torch.cuda.is_available():
         device = torch.device("cuda")
     else:
         raise SystemExit("no CUDA GPU: run on the GPU machine, or use --smoke to check the script on the CPU")
-    warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step logs; no Trainer is attached
-    rows = []
-    for name in args.configs:
+    configs = {}
+    for name in names:
         path = CONFIGS / f"{name}.yaml"
         if not path.is_file():
             raise SystemExit(f"{path} does not exist; choose from {', '.join(PAPER_CONFIGS)}")
-        config = yaml.safe_load(path.read_text())
-        batch = 1 if args.smoke else batches.get(name, data_args(config)["batch_size"])
-        try:
-            rows.append(measure(name, config, batch, args.steps, args.warmup, device, args.smoke, args.audio_hours))
-        except torch.OutOfMemoryError:
-            rows.append({"config": name, "batch": batch, "error": "out of memory"})
-        torch.cuda.empty_cache() if device.type == "cuda" else None
-        print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)  # progress, one row at a time
+        configs[name] = yaml.safe_load(path.read_text())
+    warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step logs; no Trainer is attached
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke: tiny models)"
-    print(f"\nTraining step per config on {where}, torch {torch.__version__}; "
-          f"audio epochs assume {args.audio_hours:g} h of training audio.\n")
-    print(table(rows))
-    if args.json:
-        write_json(args.json, {"device": where, "torch": torch.__version__, "audio_hours": args.audio_hours,
-                               "rows": rows})
+    triton = importlib.util.find_spec("triton")
+    header = {
+        "title": f"Training step per paper config on {where}; torch {torch.__version__}, triton "
+                 f"{importlib.import_module('triton').__version__ if triton else 'absent'}; bf16 autocast, fused "
+                 f"AdamW, the configs' batch and recompute; median of {args.steps} steps after {args.warmup}.",
+        "flop_formula": FLOP_FORMULA,
+        "argv": sys.argv[1:] if argv is None else argv,
+    }
+    print(header["title"], "\n" + FLOP_FORMULA + ".\n", flush=True)
+    print("\n".join(table([]).splitlines()[:2]), flush=True)
+    rows: list[dict] = []
+    for name, config in configs.items():
+        for variant in variants:
+            estimate = dense_estimate_s(config, args.smoke) if variant.startswith("dense") else 0.0
+            if estimate > args.dense_limit_s:
+                row = {"config": name, "variant": variant,
+                       "skipped": f"skipped: dense attention alone ≈ {estimate:.0f} s/step (> --dense-limit-s)"}
+            else:
+                try:
+                    row = measure(name, config, variant, args, device)
+                except torch.OutOfMemoryError:
+                    row = {"config": name, "variant": variant, "error": "out of memory"}
+                gc.collect()  # free this variant's model and optimizer before the next one
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            rows.append(row)
+            print(table(rows).splitlines()[-1], flush=True)
+            save(args.out, header, rows)
+    print(f"\n{table(rows)}\n\nwritten: {args.out.with_suffix('.json')}, {args.out.with_suffix('.md')}", flush=True)
     return rows
 
 

@@ -72,9 +72,9 @@ def _build(node: ast.AST):
 def attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused sparse attention forward: ``(out [b, h, n, d_v] in q's dtype, lse [b, h, n] float32)``."""
+    """Fused sparse attention forward: ``(out [b, h, n, d_v] in q's dtype, lse [b, h, n] float32)``, contiguous."""
     plan = triton_backend.launch_plan(pattern_from_key(pattern), q.shape[1])
-    return triton_backend._forward(q, k, v, plan, scale)
+    return _contiguous_and_distinct(triton_backend._forward(q, k, v, plan, scale))
 
 
 @attention_forward.register_fake
@@ -94,28 +94,29 @@ def attention_backward(
     pattern: str,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused sparse attention backward: ``(dq, dk, dv)`` shaped like ``(q, k, v)``."""
+    """Fused sparse attention backward: ``(dq, dk, dv)`` shaped like ``(q, k, v)``, contiguous."""
     plan = triton_backend.launch_plan(pattern_from_key(pattern), q.shape[1])
-    return _distinct(triton_backend._backward(q, k, v, out, lse, grad_out, plan, scale))
+    return _contiguous_and_distinct(triton_backend._backward(q, k, v, out, lse, grad_out, plan, scale))
 
 
-def _distinct(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Clone any result sharing storage with an earlier one: a custom op's outputs must not alias each other.
+def _contiguous_and_distinct(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The results as the fake implementations promise them: contiguous, none sharing storage with another.
 
-    (Kernels that allocate dq, dk and dv in one buffer would pay a copy here; separate buffers pay nothing.)
+    A no-op for kernels that allocate each result on its own; one sharing a buffer with an earlier result is copied
+    (a custom op's outputs must not alias each other).
     """
     seen: set[int] = set()
     out = []
     for t in tensors:
         ptr = t.untyped_storage().data_ptr()
-        out.append(t.clone() if ptr in seen else t)
+        out.append(t.clone(memory_format=torch.contiguous_format) if ptr in seen else t.contiguous())
         seen.add(ptr)
     return tuple(out)
 
 
 @attention_backward.register_fake
 def _(q, k, v, out, lse, grad_out, pattern, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, whatever q, k, v are
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -42,9 +42,12 @@ OPS = torch.ops.lightning_sparse
 
 
 @pytest.mark.skipif(INTERPRET or not HAS_TRITON, reason="this is the parent; needs triton installed")
-def test_ops_under_interpreter():
-    """Run this file's kernel tests in a child process with TRITON_INTERPRET=1 set before triton is imported."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+def test_ops_under_interpreter(tmp_path):
+    """Run this file's kernel tests in a child process with TRITON_INTERPRET=1 set before triton is imported.
+
+    Inductor gets a fresh cache folder: a compiled graph cached with another version of the ops' fake kernels would
+    otherwise be reused (the cache key does not cover a custom op's fake implementation)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__))]
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0 and " passed" in res.stdout, res.stdout[-6000:] + res.stderr[-3000:]
@@ -113,6 +116,7 @@ def test_fake_tensors_propagate_shapes_and_dtypes():
         assert lse.shape == (2, 4, 100) and lse.dtype == torch.float32
         dq, dk, dv = OPS.attention_backward(q, k, v, out, lse, torch.empty_like(out), key, 0.125)
         assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+        assert dq.is_contiguous() and out.is_contiguous()
         assert dq.dtype == dk.dtype == dv.dtype == torch.bfloat16
 
 
