@@ -33,10 +33,9 @@ _CLASSES = {
 }
 
 
-@torch.compiler.assume_constant_result  # compiled code sees the key as a constant; no tracing through repr
 def pattern_key(pattern: Pattern) -> str:
     """The op-schema key of ``pattern`` (its repr), remembered so :func:`pattern_from_key` returns this object."""
-    key = repr(pattern)
+    key = pattern.op_key
     _SEEN.setdefault(key, pattern)
     return key
 

@@ -82,7 +82,18 @@ def _positions(n: int, device: torch.device | str | None) -> tuple[torch.Tensor,
 
 
 class Pattern:
-    """Base of all attention patterns: which keys ``j`` each query ``i`` may attend to."""
+    """Base of all attention patterns: which keys ``j`` each query ``i`` may attend to.
+
+    ``op_key`` is the pattern's repr, set once it is built: the string under which the custom operators of
+    :mod:`.ops` know it, stored as a plain attribute so compiled code reads it as a constant.
+    """
+
+    op_key: str
+
+    def __post_init__(self) -> None:
+        # Patterns built inside traced code (the torch backend's parts) never reach an op, and dynamo cannot trace repr
+        if not torch.compiler.is_compiling():
+            object.__setattr__(self, "op_key", repr(self))
 
     @property
     def head_groups(self) -> int:
@@ -140,6 +151,7 @@ class Local(Pattern):
 
     def __post_init__(self) -> None:
         _positive_int("Local", "width", self.width)
+        super().__post_init__()
 
     def _allowed(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return (j <= i) & (i - j < self.width)
@@ -158,6 +170,7 @@ class StridedColumns(Pattern):
 
     def __post_init__(self) -> None:
         _positive_int("StridedColumns", "stride", self.stride)
+        super().__post_init__()
 
     def _allowed(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         lo = 0 if self.include_self else 1
@@ -172,6 +185,7 @@ class FixedBlock(Pattern):
 
     def __post_init__(self) -> None:
         _positive_int("FixedBlock", "stride", self.stride)
+        super().__post_init__()
 
     def _allowed(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return (j <= i) & (j // self.stride == i // self.stride)
@@ -198,6 +212,7 @@ class FixedSummary(Pattern):
     def __post_init__(self) -> None:
         object.__setattr__(self, "summary_positions", tuple(self.summary_positions))
         _check_summary("FixedSummary", self.stride, self.summary, self.summary_positions)
+        super().__post_init__()
 
     @property
     def head_groups(self) -> int:
@@ -231,6 +246,7 @@ class Strided(Pattern):
 
     def __post_init__(self) -> None:
         _positive_int("Strided", "stride", self.stride)
+        super().__post_init__()
 
     @property
     def components(self) -> tuple[Local, StridedColumns]:
@@ -260,6 +276,7 @@ class Fixed(Pattern):
     def __post_init__(self) -> None:
         object.__setattr__(self, "summary_positions", tuple(self.summary_positions))
         _check_summary("Fixed", self.stride, self.summary, self.summary_positions)
+        super().__post_init__()
 
     @property
     def head_groups(self) -> int:
@@ -301,6 +318,7 @@ class HeadSplit(Pattern):
         for p in self.patterns:
             if not isinstance(p, Pattern):
                 raise ValueError(f"HeadSplit: every entry must be a Pattern, got {p!r}.")
+        super().__post_init__()
 
     @property
     def head_groups(self) -> int:

@@ -211,5 +211,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
         _kernels()
     from .ops import attention_forward, pattern_key
 
-    out, _ = attention_forward(q, k, v, pattern_key(pattern), scale)
+    # compiled code reads the key as a constant attribute (torch 2.11 cannot pass a frozen dataclass to a helper)
+    key = pattern.op_key if torch.compiler.is_compiling() else pattern_key(pattern)
+    out, _ = attention_forward(q, k, v, key, scale)
     return out
