@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import importlib.util
 import json
 import statistics
 import sys
@@ -320,11 +321,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="skip dense variants whose attention alone would take longer per step (estimate at "
                              f"{DENSE_TFLOPS_ESTIMATE / 1e12:.0f} TFLOP/s)")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled step (no GPU-busy column)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_step",
-                        help="writes OUT.json and OUT.md after every row")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="writes OUT.json and OUT.md after every row (default: "
+                             "benchmarks/results/train_step_<configs>)")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, batch 1: checks the script")
     args = parser.parse_args(argv)
     names = [c for c in args.configs.split(",") if c]
+    if args.out is None:
+        args.out = ROOT / "benchmarks" / "results" / f"train_step_{'-'.join(names)}{'_smoke' if args.smoke else ''}"
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         if v not in VARIANTS:
