@@ -34,6 +34,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -371,6 +372,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     row = measure(name, config, variant, args, device)
                 except torch.OutOfMemoryError:
                     row = {"config": name, "variant": variant, "error": "out of memory"}
+                except Exception as err:  # one failing variant must not cost the rest of the run; say what failed
+                    traceback.print_exc()
+                    row = {"config": name, "variant": variant, "error": f"{type(err).__name__}: {err}"[:300]}
                 gc.collect()  # free this variant's model and optimizer before the next one
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
