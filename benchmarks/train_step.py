@@ -168,10 +168,14 @@ def model_flops(module: Any, batch: int) -> tuple[float, float]:
 
 def busy_fraction(prof: Any) -> tuple[float | None, int]:
     """Union of the GPU kernel/memcpy/memset intervals of a profiled step, in seconds, and how many there were."""
-    intervals = []
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            intervals.append((e.time_range.start, e.time_range.end))  # microseconds
+    cuda = torch.autograd.DeviceType.CUDA
+    intervals = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == cuda]  # µs
+    if not intervals:  # older/newer profilers: read the raw Kineto events
+        for e in prof.profiler.kineto_results.events():
+            if e.device_type() == cuda:
+                start = e.start_ns() / 1e3 if hasattr(e, "start_ns") else e.start_us()
+                length = e.duration_ns() / 1e3 if hasattr(e, "duration_ns") else e.duration_us()
+                intervals.append((start, start + length))
     if not intervals:
         return None, 0
     intervals.sort()
@@ -235,10 +239,13 @@ def measure(name: str, config: dict, variant: str, args: argparse.Namespace, dev
     if cuda and not args.no_profile:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:  # device activity only: fewer events to parse
-            timed()
-        busy_s, kernels = busy_fraction(prof)
-        busy = None if busy_s is None else min(1.0, busy_s / step_s)
+        try:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:  # device activity only: fewer events to parse
+                timed()
+            busy_s, kernels = busy_fraction(prof)
+            busy = None if busy_s is None else min(1.0, busy_s / step_s)
+        except Exception:  # keep the timing row; the busy column stays empty
+            traceback.print_exc()
     row = {
         "config": name + (" (smoke)" if args.smoke else ""),
         "variant": variant,
