@@ -197,3 +197,14 @@ def test_compiled_block_with_triton_ops_matches_eager():
     eager, compiled = eager_and_compiled(block, x)
     for a, b in zip(eager, compiled, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@in_child
+def test_compiled_with_dynamic_lengths():
+    """dynamic=True: symbolic sequence lengths pass validation and reach the op (one graph for every n)."""
+    torch._dynamo.reset()
+    pattern = Strided(8)
+    fn = torch.compile(lambda q, k, v: sparse_attention(q, k, v, pattern, backend="triton"), dynamic=True, fullgraph=True)
+    for n in (40, 57):
+        q, k, v, _ = inputs(2, 2, n, 32, 32, seed=n)
+        torch.testing.assert_close(fn(q, k, v), sparse_attention(q, k, v, pattern, backend="reference"))
