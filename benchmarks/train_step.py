@@ -29,10 +29,12 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import importlib.util
 import json
 import statistics
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -165,11 +167,15 @@ def model_flops(module: Any, batch: int) -> tuple[float, float]:
 
 
 def busy_fraction(prof: Any) -> tuple[float | None, int]:
-    """Union of the GPU kernel/memcpy intervals of a profiled step, in seconds, and the number of kernels."""
-    intervals = []
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            intervals.append((e.time_range.start, e.time_range.end))  # microseconds
+    """Union of the GPU kernel/memcpy/memset intervals of a profiled step, in seconds, and how many there were."""
+    cuda = torch.autograd.DeviceType.CUDA
+    intervals = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == cuda]  # µs
+    if not intervals:  # older/newer profilers: read the raw Kineto events
+        for e in prof.profiler.kineto_results.events():
+            if e.device_type() == cuda:
+                start = e.start_ns() / 1e3 if hasattr(e, "start_ns") else e.start_us()
+                length = e.duration_ns() / 1e3 if hasattr(e, "duration_ns") else e.duration_us()
+                intervals.append((start, start + length))
     if not intervals:
         return None, 0
     intervals.sort()
@@ -233,10 +239,13 @@ def measure(name: str, config: dict, variant: str, args: argparse.Namespace, dev
     if cuda and not args.no_profile:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            timed()
-        busy_s, kernels = busy_fraction(prof)
-        busy = None if busy_s is None else min(1.0, busy_s / step_s)
+        try:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:  # device activity only: fewer events to parse
+                timed()
+            busy_s, kernels = busy_fraction(prof)
+            busy = None if busy_s is None else min(1.0, busy_s / step_s)
+        except Exception:  # keep the timing row; the busy column stays empty
+            traceback.print_exc()
     row = {
         "config": name + (" (smoke)" if args.smoke else ""),
         "variant": variant,
@@ -279,7 +288,7 @@ def table(rows: list[dict]) -> str:
     """The rows as a Markdown table; the dense rows carry the sparse/dense step-time ratio of the same compile mode."""
     lines = [
         "| config | variant | pattern | batch | step ms | sparse speed-up | tokens/s | model TFLOP/s | peak GiB | "
-        "GPU busy | kernels/step | first step s | compile s |",
+        "GPU busy | GPU ops/step | first step s | compile s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     steps = {(r["config"], r["variant"]): r.get("step_ms") for r in rows}
@@ -320,11 +329,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="skip dense variants whose attention alone would take longer per step (estimate at "
                              f"{DENSE_TFLOPS_ESTIMATE / 1e12:.0f} TFLOP/s)")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled step (no GPU-busy column)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_step",
-                        help="writes OUT.json and OUT.md after every row")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="writes OUT.json and OUT.md after every row (default: "
+                             "benchmarks/results/train_step_<configs>)")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, batch 1: checks the script")
     args = parser.parse_args(argv)
     names = [c for c in args.configs.split(",") if c]
+    if args.out is None:
+        args.out = ROOT / "benchmarks" / "results" / f"train_step_{'-'.join(names)}{'_smoke' if args.smoke else ''}"
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         if v not in VARIANTS:
@@ -367,6 +379,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     row = measure(name, config, variant, args, device)
                 except torch.OutOfMemoryError:
                     row = {"config": name, "variant": variant, "error": "out of memory"}
+                except Exception as err:  # one failing variant must not cost the rest of the run; say what failed
+                    traceback.print_exc()
+                    row = {"config": name, "variant": variant, "error": f"{type(err).__name__}: {err}"[:300]}
                 gc.collect()  # free this variant's model and optimizer before the next one
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

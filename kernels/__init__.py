@@ -1,8 +1,10 @@
 """The attention engine of lightning-sparse: Sparse Transformer patterns and ``sparse_attention``.
 
-Knows nothing of Lightning; installed as ``lightning_sparse.kernels``.
+Knows nothing of Lightning; installed as ``lightning_sparse.kernels``. Importing it registers the Triton kernels'
+custom operators (``torch.ops.lightning_sparse``, :mod:`.ops`); Triton itself is imported only when a kernel runs.
 """
 
+from . import ops
 from .attention import BACKENDS, reference_attention, sparse_attention
 from .patterns import (
     Dense,
@@ -31,6 +33,7 @@ __all__ = [
     "Strided",
     "StridedColumns",
     "head_masks",
+    "ops",
     "reference_attention",
     "sparse_attention",
 ]

@@ -37,7 +37,8 @@ def check_inputs(
         raise ValueError(f"q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}.")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}.")
-    pattern.check_length(q.shape[2])
+    if not isinstance(q.shape[2], torch.SymInt):  # a symbolic length (torch.compile, dynamic shapes) is a size
+        pattern.check_length(q.shape[2])
     if q.shape[1] % pattern.head_groups:
         raise ValueError(
             f"{pattern!r} has {pattern.head_groups} distinct per-head masks, so the number of heads must be a "

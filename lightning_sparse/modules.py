@@ -101,7 +101,8 @@ class DensityModel(L.LightningModule):
         position_shape: Axes of the factorized position embeddings (product = seq_len); None = the
             :meth:`position_shape` hook's default, ``(seq_len // stride, stride)`` for 1-D data.
         start_token: Prepend a learned start token so the first byte is scored too (record data such as images).
-        attention_backend: "auto" (triton on CUDA, torch elsewhere), "torch", "triton" or "reference".
+        attention_backend: "auto" (on CUDA sdpa for ``Dense()``, triton otherwise; torch elsewhere), "torch",
+            "triton", "sdpa" (``Dense()`` only) or "reference".
         recompute: Recompute attention and feed-forward activations in the backward pass to save memory.
         compile: ``torch.compile`` every residual block (and the output head) in ``configure_model``, from outside
             the network: compile time does not grow with depth, identical blocks share one graph, state-dict keys

@@ -81,7 +81,7 @@ def _train(compiled: bool, steps: int = 20) -> list[float]:
         compile_blocks(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     gen = torch.Generator(device="cuda").manual_seed(1)
-    motif = torch.randint(0, 256, (4, 64), device="cuda", generator=gen)  # repeated motifs: a learnable signal
+    motif = torch.randint(0, 16, (4, 64), device="cuda", generator=gen)  # 16 byte values, repeated: learnable
     losses = []
     for step in range(steps):
         x = motif[:, torch.arange(1025, device="cuda") % 64].roll(step, dims=1)

@@ -121,6 +121,19 @@ def test_fake_tensors_propagate_shapes_and_dtypes():
 
 
 @in_parent
+def test_triton_backend_checks_only_its_own_rules():
+    """Head widths, dtypes and the device are the triton backend's; shapes were checked once by sparse_attention."""
+    from lightning_sparse.kernels import triton_backend
+
+    q, v = torch.zeros(1, 2, 16, 32), torch.zeros(1, 2, 16, 48)
+    with pytest.raises(ValueError, match=r"value head_dim=48"):
+        sparse_attention(q, q, v, Strided(4), backend="triton")
+    if not triton_backend.SEPARATE_WIDTHS:
+        with pytest.raises(ValueError, match=r"one head width for q, k and v, got d_qk=32 and d_v=64"):
+            sparse_attention(q, q, torch.zeros(1, 2, 16, 64), Strided(4), backend="triton")
+
+
+@in_parent
 def test_compiled_block_on_the_torch_backend_matches_eager():
     """fullgraph=True: a whole residual block (norms, projections, attention, feed-forward) with no graph break."""
     torch._dynamo.reset()
@@ -197,3 +210,14 @@ def test_compiled_block_with_triton_ops_matches_eager():
     eager, compiled = eager_and_compiled(block, x)
     for a, b in zip(eager, compiled, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@in_child
+def test_compiled_with_dynamic_lengths():
+    """dynamic=True: symbolic sequence lengths pass validation and reach the op (one graph for every n)."""
+    torch._dynamo.reset()
+    pattern = Strided(8)
+    fn = torch.compile(lambda q, k, v: sparse_attention(q, k, v, pattern, backend="triton"), dynamic=True, fullgraph=True)
+    for n in (40, 57):
+        q, k, v, _ = inputs(2, 2, n, 32, 32, seed=n)
+        torch.testing.assert_close(fn(q, k, v), sparse_attention(q, k, v, pattern, backend="reference"))
