@@ -363,7 +363,7 @@ def sweep_shape(pattern: Pattern, b: int, h: int, n: int, d_qk: int, d_v: int, l
                     continue
                 results.append(dict(shape=label, d_qk=d_qk, d_v=d_v, kind=kind, layout=layout, cand=repr(cand),
                                     ms=ms))
-                print(f"  sweep {label:10s} {kind}:{layout:8s} {cand!r:110.110s} {ms:8.3f} ms", flush=True)
+                print(f"  sweep {label:10s} {kind}:{layout:8s} {cand!r} {ms:8.3f} ms", flush=True)
                 if best is None or ms < best[1]:
                     best = (cand, ms)
             if best is not None:
