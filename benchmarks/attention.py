@@ -13,7 +13,8 @@ Run on one GPU: ``python benchmarks/attention.py`` (options: ``--help``). Three 
 Times are medians in ms; "useful" TFLOP/s count only the allowed (query, key) pairs: 2·nnz·(d_qk + d_v) per head
 forward, 3.5× that forward+backward. ``--sweep`` first times candidate tile configurations (of the paper shapes
 with ``--paper-shapes-only``, else of the n = 16,384 targets), keeps the fastest for the rest of the run and
-prints them as ``tiles.DEFAULTS`` entries.
+prints them as ``tiles.DEFAULTS`` entries. ``--ordered-dq`` runs the fixed pattern's backward with the
+experimental ordered dQ reduction (``BwdTiles.ordered_dq``) for an A/B against the default.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -301,21 +302,25 @@ SWEEP = {
     ("bwd", "local", 64): [B_(32, 64, 64, 32, 4, 2, 168, True, True), B_(32, 64, 64, 32, 4, 1, 168, True, True),
                            B_(32, 64, 64, 32, 4, 2)],
     ("bwd", "strided", 64): [B_(32, 64, 64, 32, 4, 2, 168, True, True), B_(64, 64, 64, 64, 4, 2, 168, True)],
-    ("bwd", "natural", 64): [B_(32, 128, 128, 32, 8, 3, 128), B_(32, 128, 128, 64, 8, 4, 128)],
+    ("bwd", "natural", 64): [B_(32, 128, 128, 32, 8, 3, 128), B_(32, 128, 128, 64, 8, 4, 128),
+                             B_(32, 128, 128, 64, 8, 3, 128, ordered_dq=True), B_(64, 128, 128, 64, 8, 3, 0, ordered_dq=True),
+                             B_(64, 64, 64, 64, 4, 3, 0, ordered_dq=True)],
     ("fwd", "local", 128): [F_(128, 64, 8, 3), F_(64, 64, 4, 3, one_loop=True)],
     ("fwd", "strided", 128): [F_(128, 64, 8, 3), F_(64, 64, 4, 3, one_loop=True)],
     ("fwd", "natural", 128): [F_(128, 64, 8, 3), F_(128, 64, 8, 3, 128)],
     ("bwd", "local", 128): [B_(32, 64, 64, 32, 4, 2, fused=True), B_(32, 64, 64, 32, 4, 2, fused=True, one_loop=True)],
     ("bwd", "strided", 128): [B_(32, 64, 64, 32, 4, 2, fused=True),
                               B_(32, 64, 64, 32, 4, 2, fused=True, one_loop=True)],
-    ("bwd", "natural", 128): [B_(64, 64, 64, 64, 8, 2), B_(32, 128, 128, 64, 8, 3, 128)],
+    ("bwd", "natural", 128): [B_(64, 64, 64, 64, 8, 2), B_(32, 128, 128, 64, 8, 3, 128),
+                              B_(32, 64, 64, 32, 4, 2, ordered_dq=True)],
     # head width 32 (ImageNet 64, audio): narrower operands leave room for longer tiles
     ("fwd", "local", 32): [F_(128, 32, 8, 3, 128), F_(64, 64, 4, 3), F_(64, 32, 4, 4)],
     ("fwd", "strided", 32): [F_(64, 64, 4, 3, one_loop=True), F_(128, 32, 8, 3, 128, True)],
     ("fwd", "natural", 32): [F_(128, 128, 8, 3, 128), F_(128, 64, 4, 3)],
     ("bwd", "local", 32): [B_(32, 128, 128, 32, 8, 2, 128, True), B_(64, 64, 64, 64, 4, 2, 168, True)],
     ("bwd", "strided", 32): [B_(32, 128, 128, 32, 8, 2, 128, True), B_(64, 64, 64, 64, 4, 2, 168, True, True)],
-    ("bwd", "natural", 32): [B_(32, 128, 128, 64, 8, 3, 128), B_(64, 128, 128, 64, 8, 3, 128)],
+    ("bwd", "natural", 32): [B_(32, 128, 128, 64, 8, 3, 128), B_(64, 128, 128, 64, 8, 3, 128),
+                             B_(32, 128, 128, 128, 8, 3, 128, ordered_dq=True)],
 }
 
 
@@ -358,7 +363,7 @@ def sweep_shape(pattern: Pattern, b: int, h: int, n: int, d_qk: int, d_v: int, l
                     continue
                 results.append(dict(shape=label, d_qk=d_qk, d_v=d_v, kind=kind, layout=layout, cand=repr(cand),
                                     ms=ms))
-                print(f"  sweep {label:10s} {kind}:{layout:8s} {cand!r:110.110s} {ms:8.3f} ms", flush=True)
+                print(f"  sweep {label:10s} {kind}:{layout:8s} {cand!r} {ms:8.3f} ms", flush=True)
                 if best is None or ms < best[1]:
                     best = (cand, ms)
             if best is not None:
@@ -420,7 +425,14 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="write all measurements here (after every measurement)")
     ap.add_argument("--flex-workers", type=int, default=8, help="processes compiling Flex kernels first (0: none)")
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compilation is most of a run)")
+    ap.add_argument("--ordered-dq", action="store_true",
+                    help="fixed-pattern backward with the summary part's dQ added in turn (BwdTiles.ordered_dq)")
     args = ap.parse_args(argv)
+    if args.ordered_dq:
+        for d_qk in tb.HEAD_DIMS:
+            for d_v in tb.HEAD_DIMS:
+                tiles = replace(select_tiles("bwd", "natural", d_qk, d_v, torch.bfloat16), ordered_dq=True)
+                _KEEP.enter_context(tile_override(bwd=tiles, layout="natural", widths=(d_qk, d_v)))
     if args.no_flex:
         args.max_flex_n = args.max_flex_n_128 = 0
     args.dims = [int(x) for x in args.dims.split(",") if x]

@@ -52,7 +52,9 @@ class BwdTiles:
     """Backward tiles: key-stationary dK/dV programs own ``bn1`` key rows and step over queries by ``bm1``;
     query-stationary dQ programs own ``bm2`` query rows and step over keys by ``bn2``. ``fused``: band-only launches
     run one program per tile of ``bn1`` rows that computes its dQ and its dK/dV and the diagonal block once for both
-    (its steps are capped at ``bn1``). ``warps``, ``stages``, ``maxnreg``, ``one_loop`` as in :class:`FwdTiles`."""
+    (its steps are capped at ``bn1``). ``ordered_dq``: launches with a summary part add the summary part's dQ from
+    the key-stationary programs in a fixed order (5 matrix products per block instead of 7; an experiment, off by
+    default until timed). ``warps``, ``stages``, ``maxnreg``, ``one_loop`` as in :class:`FwdTiles`."""
 
     bm1: int
     bn1: int
@@ -63,6 +65,7 @@ class BwdTiles:
     maxnreg: int = 0
     fused: bool = False
     one_loop: bool = False
+    ordered_dq: bool = False
 
     def __post_init__(self) -> None:
         _check_pow2(self, bm1=self.bm1, bn1=self.bn1, bm2=self.bm2, bn2=self.bn2)

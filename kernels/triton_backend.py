@@ -94,7 +94,10 @@ def _config(kind: str, launch: Launch, d_qk: int, d_v: int, dtype: torch.dtype, 
         fused = tiles.fused and launch.summary == SUM_NONE
         if fused:  # one program per tile of bn1 rows; its loops step by tiles that divide bn1
             tiles = replace(tiles, bm1=min(tiles.bm1, tiles.bn1), bm2=tiles.bn1, bn2=min(tiles.bn2, tiles.bn1))
-        tiles = replace(tiles, fused=fused)
+        ordered = tiles.ordered_dq and launch.summary != SUM_NONE and not launch.merge
+        if ordered:  # a query tile holds whole chunks of bm1 rows
+            tiles = replace(tiles, bm2=max(tiles.bm2, tiles.bm1))
+        tiles = replace(tiles, fused=fused, ordered_dq=ordered)
     return tiles
 
 
@@ -185,13 +188,18 @@ def _backward(
         else:
             programs = -(-n_eff // t.bn1) + nks + -(-n_eff // t.bm2)
         grid = (programs * groups, b * len(launch.heads))
+        if t.ordered_dq:  # float32 partial dQ sums and, per (batch, head), a ticket and one turn per bm1 rows
+            acc = torch.empty((b, h, n, d_qk), dtype=torch.float32, device=q.device)
+            turns = torch.zeros(grid[1] * (-(-n // t.bm1) + 1), dtype=torch.int32, device=q.device)
+        else:
+            acc, turns = dq, heads  # not read
         kern._bwd_kernel[grid](
-            q, k, v, do, dq, dk, dv, lse, delta, heads, starts,
+            q, k, v, do, dq, dk, dv, lse, delta, heads, starts, acc, turns,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *dv.stride(),
             n, h, len(launch.heads), groups, scale * LOG2E, scale, launch.width, launch.summary_stride,
             launch.summary_size, nks,
             **_parts(launch), DQK=d_qk, DV=d_v, BM1=t.bm1, BN1=t.bn1, BM2=t.bm2, BN2=t.bn2, FUSED=t.fused,
-            ONE_LOOP=t.one_loop, F32=f32, **_launch_options(t),
+            ONE_LOOP=t.one_loop, ORDERED_DQ=t.ordered_dq, F32=f32, **_launch_options(t),
         )  # fmt: skip
     return dq, dk, dv
 

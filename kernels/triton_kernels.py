@@ -16,7 +16,10 @@ Its programs take one of four roles (one @triton.jit function each): ``_bwd_band
 launches: dQ and dK/dV of one tile of rows, the diagonal block computed once for both), or, split by program id,
 ``_bwd_band_keys`` (dK/dV of a band key tile), ``_bwd_summary_keys`` (dK/dV of a gathered summary key tile, both of
 its parts) and ``_bwd_queries`` (dQ of a query tile). Every gradient row has exactly one writer: deterministic, no
-atomics. With ``MERGE`` the results are added to the gradients the previous launch wrote.
+atomics. With ``MERGE`` the results are added to the gradients the previous launch wrote. ``ORDERED_DQ`` (a switch
+for summary launches, off by default): the summary key tiles also produce the summary part's dQ, added into a
+float32 buffer in a fixed order under per-chunk turn counters (FA3's deterministic mode), so no block of the summary
+part computes S and dP twice (5 matrix products per block instead of 7); still deterministic.
 
 Notation
 --------
@@ -363,13 +366,43 @@ def _dq_loop(dq, q, do, lse, delta, Kb, Vb, kn, skd, vn, svd, offs_m, start, end
 
 
 @triton.jit
+def _chunk_sum_count(offs_m, n_eff, sl, sc, ss, SUMMARY: tl.constexpr, BM1: tl.constexpr):
+    """Summary keys seen by the last row of each row's chunk of BM1 query rows (ORDERED_DQ: the chunk's dQ has
+    cdiv(that, BN1) summary contributors)."""
+    return _sum_count(tl.minimum((offs_m // BM1) * BM1 + BM1, n_eff) - 1, sl, sc, ss, SUMMARY=SUMMARY)
+
+
+@triton.jit
+def _add_dq_in_turn(DQb, ACCb, TURNb, offs_m, ok, gqn, sgqd, chunk, rank, last, part, scale,
+                    DQK: tl.constexpr, F32: tl.constexpr):
+    """ORDERED_DQ: deterministic dQ reduction across programs (FA3's deterministic mode). Wait until query chunk
+    ``chunk`` has taken ``rank`` contributions, add ``part`` to its float32 partial sum in ACC (the last contributor
+    writes the scaled dQ instead), pass the turn on. Ranks follow the programs' tickets, so a program only waits for
+    programs that started before it (no deadlock on the GPU, none under the interpreter's sequential programs)."""
+    turn = tl.atomic_cas(TURNb + chunk, rank, rank, sem="acquire")
+    while turn != rank:
+        turn = tl.atomic_cas(TURNb + chunk, rank, rank, sem="acquire")
+    cols = tl.arange(0, DQK)
+    acc_ptr = ACCb + offs_m[:, None] * DQK + cols[None, :]
+    acc = tl.load(acc_ptr, mask=ok[:, None], other=0.0, cache_modifier=".cg") + part
+    if last:
+        _store_rows(DQb, offs_m, gqn, sgqd, ok, acc * scale, W=DQK, MERGE=False, F32=F32)
+    else:
+        tl.store(acc_ptr, acc, mask=ok[:, None])
+    tl.debug_barrier()  # every thread's stores before the turn passes
+    tl.atomic_xchg(TURNb + chunk, rank + 1, sem="release")
+
+
+@triton.jit
 def _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, lsen, offs_n, pos, start, end,
-               n_eff, qk_scale, width, sl, sc, ss,
+               n_eff, qk_scale, width, sl, sc, ss, DQb, ACCb, TURNb, gqn, sgqd, rank, scale,
                BAND: tl.constexpr, OFF: tl.constexpr, SUMMARY: tl.constexpr, MASKED: tl.constexpr,
-               DQK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, F32: tl.constexpr):
+               DQK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, ORDERED_DQ: tl.constexpr, F32: tl.constexpr):
     """dK (unscaled), dV of the key tile from query tiles [start, end), BM queries a step. ``offs_n``: the keys'
     indices in the tile's own order (gathered index t for summary tiles); ``pos``: their rows. A masked step of a
-    summary tile (SUMMARY) allows the summary pairs and, with a band, the band pairs of the same keys."""
+    summary tile (SUMMARY) allows the summary pairs and, with a band, the band pairs of the same keys. ORDERED_DQ
+    (summary tiles; the ``rank``-th summary tile, counted from 1): also the query chunk's dQ from the tile's summary
+    pairs, added in turn (``_add_dq_in_turn``) — S and dP of the block are then computed once."""
     for s in range(start, end, BM):
         offs_m = s + tl.arange(0, BM)
         qin = offs_m < n_eff
@@ -390,6 +423,16 @@ def _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, lsen, offs
         dpT = _dot(v, tl.trans(do), tl.zeros([k.shape[0], BM], dtype=tl.float32), F32=F32)
         dsT = pT * (dpT - delta[None, :])
         dk = _dot(_cast(dsT, qT.dtype, F32=F32), tl.trans(qT), dk, F32=F32)
+        if ORDERED_DQ:
+            t_chunk = _sum_count(tl.minimum(s + BM, n_eff) - 1, sl, sc, ss, SUMMARY=SUMMARY)
+            if tl.min(offs_n, 0) < t_chunk:  # some query of the chunk sees this tile's first key
+                ds = dsT
+                if MASKED and BAND != BAND_NONE:  # the band pairs' dQ is the query programs' part
+                    ds = tl.where(offs_n[:, None] < _sum_count(offs_m, sl, sc, ss, SUMMARY=SUMMARY)[None, :], ds, 0.0)
+                part = _dot(tl.trans(_cast(ds, k.dtype, F32=F32)), k, tl.zeros([BM, DQK], dtype=tl.float32), F32=F32)
+                last = rank == tl.cdiv(t_chunk, k.shape[0])
+                _add_dq_in_turn(DQb, ACCb, TURNb, offs_m, qin, gqn, sgqd, s // BM, rank, last, part, scale,
+                                DQK=DQK, F32=F32)
     return dk, dv
 
 
@@ -444,11 +487,13 @@ def _bwd_band_tile(Qb, Kb, Vb, DOb, DQb, DKb, DVb, LSEb, DELb, qn, sqd, kn, skd,
     if ONE_LOOP:
         full_hi = q_begin
     dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_m, offs_m,
-                        q_begin, full_hi, n_eff, qk_scale, width, 1, 1, 0,
-                        BAND=BAND, OFF=OFF, SUMMARY=SUM_NONE, MASKED=False, DQK=DQK, DV=DV, BM=BM1, F32=F32)
+                        q_begin, full_hi, n_eff, qk_scale, width, 1, 1, 0, DQb, DQb, DQb, gqn, sgqd, 0, scale,
+                        BAND=BAND, OFF=OFF, SUMMARY=SUM_NONE, MASKED=False, DQK=DQK, DV=DV, BM=BM1,
+                        ORDERED_DQ=False, F32=F32)
     dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_m, offs_m,
-                        full_hi, q_end, n_eff, qk_scale, width, 1, 1, 0,
-                        BAND=BAND, OFF=OFF, SUMMARY=SUM_NONE, MASKED=True, DQK=DQK, DV=DV, BM=BM1, F32=F32)
+                        full_hi, q_end, n_eff, qk_scale, width, 1, 1, 0, DQb, DQb, DQb, gqn, sgqd, 0, scale,
+                        BAND=BAND, OFF=OFF, SUMMARY=SUM_NONE, MASKED=True, DQK=DQK, DV=DV, BM=BM1,
+                        ORDERED_DQ=False, F32=F32)
     _store_rows(DKb, offs_m, gqn, sgqd, rin, dk * scale, W=DQK, MERGE=MERGE, F32=F32)
     _store_rows(DVb, offs_m, gvn, sgvd, rin, dv, W=DV, MERGE=MERGE, F32=F32)
 
@@ -480,26 +525,30 @@ def _bwd_band_keys(Qb, Kb, Vb, DOb, DKb, DVb, LSEb, DELb, qn, sqd, kn, skd, vn, 
         full_lo = tl.minimum(tl.maximum(full_lo, q_begin), q_end)
         full_hi = tl.minimum(tl.maximum(full_hi, full_lo), q_end)
         dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_n, offs_n,
-                            q_begin, full_lo, n_eff, qk_scale, width, sl, sc, ss,
-                            BAND=BAND, OFF=OFF, SUMMARY=SUM_NONE, MASKED=True, DQK=DQK, DV=DV, BM=BM1, F32=F32)
+                            q_begin, full_lo, n_eff, qk_scale, width, sl, sc, ss, DKb, DKb, DKb, gqn, sgqd, 0, scale,
+                            BAND=BAND, OFF=OFF, SUMMARY=SUM_NONE, MASKED=True, DQK=DQK, DV=DV, BM=BM1,
+                            ORDERED_DQ=False, F32=F32)
         dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_n, offs_n,
-                            full_lo, full_hi, n_eff, qk_scale, width, sl, sc, ss,
-                            BAND=BAND, OFF=OFF, SUMMARY=SUM_NONE, MASKED=False, DQK=DQK, DV=DV, BM=BM1, F32=F32)
+                            full_lo, full_hi, n_eff, qk_scale, width, sl, sc, ss, DKb, DKb, DKb, gqn, sgqd, 0, scale,
+                            BAND=BAND, OFF=OFF, SUMMARY=SUM_NONE, MASKED=False, DQK=DQK, DV=DV, BM=BM1,
+                            ORDERED_DQ=False, F32=F32)
         dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_n, offs_n,
-                            full_hi, q_end, n_eff, qk_scale, width, sl, sc, ss,
-                            BAND=BAND, OFF=OFF, SUMMARY=SUM_NONE, MASKED=True, DQK=DQK, DV=DV, BM=BM1, F32=F32)
+                            full_hi, q_end, n_eff, qk_scale, width, sl, sc, ss, DKb, DKb, DKb, gqn, sgqd, 0, scale,
+                            BAND=BAND, OFF=OFF, SUMMARY=SUM_NONE, MASKED=True, DQK=DQK, DV=DV, BM=BM1,
+                            ORDERED_DQ=False, F32=F32)
     _store_rows(DKb, offs_n, gqn, sgqd, store, dk * scale, W=DQK, MERGE=MERGE, F32=F32)
     _store_rows(DVb, offs_n, gvn, sgvd, store, dv, W=DV, MERGE=MERGE, F32=F32)
 
 
 @triton.jit
-def _bwd_summary_keys(Qb, Kb, Vb, DOb, DKb, DVb, LSEb, DELb, qn, sqd, kn, skd, vn, svd, don, sdod,
+def _bwd_summary_keys(Qb, Kb, Vb, DOb, DQb, DKb, DVb, ACCb, TURNb, LSEb, DELb, qn, sqd, kn, skd, vn, svd, don, sdod,
                       gqn, sgqd, gvn, sgvd, groups, j0, n, n_eff, qk_scale, scale, width, sl, sc, ss,
                       BAND: tl.constexpr, OFF: tl.constexpr, SUMMARY: tl.constexpr, MERGE: tl.constexpr,
                       DQK: tl.constexpr, DV: tl.constexpr, BN1: tl.constexpr, BM1: tl.constexpr,
-                      F32: tl.constexpr):
+                      ORDERED_DQ: tl.constexpr, F32: tl.constexpr):
     """Key-stationary role: dK, dV of the gathered summary keys j0 .. j0 + BN1 - 1, from both parts: masked query
-    tiles up to the end of the last key's block (where band and summary pairs mix), unmasked ones after."""
+    tiles up to the end of the last key's block (where band and summary pairs mix), unmasked ones after.
+    ORDERED_DQ: also the summary part's dQ of the query tiles it visits, added in turn."""
     tl.static_assert(SUMMARY != SUM_NONE)
     t_total = (n // sl) * sc + tl.minimum(tl.maximum(n % sl - ss, 0), sc)
     offs_n = j0 + tl.arange(0, BN1)
@@ -518,21 +567,26 @@ def _bwd_summary_keys(Qb, Kb, Vb, DOb, DKb, DVb, LSEb, DELb, qn, sqd, kn, skd, v
     full_lo = tl.cdiv((_sum_pos(t_last, sl, sc, ss) // sl + 1) * sl, BM1) * BM1
     full_lo = tl.minimum(tl.maximum(full_lo, q_begin), q_all)
     dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_n, pos,
-                        q_begin, full_lo, n_eff, qk_scale, width, sl, sc, ss,
-                        BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, MASKED=True, DQK=DQK, DV=DV, BM=BM1, F32=F32)
+                        q_begin, full_lo, n_eff, qk_scale, width, sl, sc, ss, DQb, ACCb, TURNb, gqn, sgqd,
+                        j0 // BN1 + 1, scale, BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, MASKED=True, DQK=DQK, DV=DV,
+                        BM=BM1, ORDERED_DQ=ORDERED_DQ, F32=F32)
     dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_n, pos,
-                        full_lo, q_all, n_eff, qk_scale, width, sl, sc, ss,
-                        BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, MASKED=False, DQK=DQK, DV=DV, BM=BM1, F32=F32)
+                        full_lo, q_all, n_eff, qk_scale, width, sl, sc, ss, DQb, ACCb, TURNb, gqn, sgqd,
+                        j0 // BN1 + 1, scale, BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, MASKED=False, DQK=DQK, DV=DV,
+                        BM=BM1, ORDERED_DQ=ORDERED_DQ, F32=F32)
     _store_rows(DKb, pos, gqn, sgqd, kin, dk * scale, W=DQK, MERGE=MERGE, F32=F32)
     _store_rows(DVb, pos, gvn, sgvd, kin, dv, W=DV, MERGE=MERGE, F32=F32)
 
 
 @triton.jit
-def _bwd_queries(Qb, Kb, Vb, DOb, DQb, LSEb, DELb, qn, sqd, kn, skd, vn, svd, don, sdod, gqn, sgqd,
+def _bwd_queries(Qb, Kb, Vb, DOb, DQb, ACCb, TURNb, LSEb, DELb, qn, sqd, kn, skd, vn, svd, don, sdod, gqn, sgqd,
                  groups, i0, n_eff, qk_scale, scale, width, sl, sc, ss,
                  BAND: tl.constexpr, OFF: tl.constexpr, SUMMARY: tl.constexpr, MERGE: tl.constexpr,
-                 DQK: tl.constexpr, DV: tl.constexpr, BM2: tl.constexpr, BN2: tl.constexpr, F32: tl.constexpr):
-    """Query-stationary role: dQ of BM2 queries from i0 over the band's and the summary's key tiles."""
+                 DQK: tl.constexpr, DV: tl.constexpr, BM2: tl.constexpr, BN2: tl.constexpr, BM1: tl.constexpr,
+                 ORDERED_DQ: tl.constexpr, F32: tl.constexpr):
+    """Query-stationary role: dQ of BM2 queries from i0 over the band's and the summary's key tiles. ORDERED_DQ:
+    the band's only; it is the first contribution of each of its chunks of BM1 rows (rows whose chunk has summary
+    contributors go to ACC, then the chunks' turns pass to the summary key tiles)."""
     offs_m = i0 + tl.arange(0, BM2)
     qin = offs_m < n_eff
     q = _load_rows(Qb, offs_m, qn, sqd, qin, W=DQK)
@@ -551,7 +605,7 @@ def _bwd_queries(Qb, Kb, Vb, DOb, DQb, LSEb, DELb, qn, sqd, kn, skd, vn, svd, do
         dq = _dq_loop(dq, q, do, lse, delta, Kb, Vb, kn, skd, vn, svd, offs_m, full_hi, k_end, n_eff, 0,
                       qk_scale, width, sl, sc, ss, BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, GATHER=False,
                       MASKED=True, DQK=DQK, DV=DV, BN=BN2, F32=F32)
-    if SUMMARY != SUM_NONE:
+    if SUMMARY != SUM_NONE and not ORDERED_DQ:
         t_full = (_sum_count(i0, sl, sc, ss, SUMMARY=SUMMARY) // BN2) * BN2
         t_hi = _sum_count(i_last, sl, sc, ss, SUMMARY=SUMMARY)
         dq = _dq_loop(dq, q, do, lse, delta, Kb, Vb, kn, skd, vn, svd, offs_m, 0, t_full, n_eff, t_hi,
@@ -560,27 +614,50 @@ def _bwd_queries(Qb, Kb, Vb, DOb, DQb, LSEb, DELb, qn, sqd, kn, skd, vn, svd, do
         dq = _dq_loop(dq, q, do, lse, delta, Kb, Vb, kn, skd, vn, svd, offs_m, t_full, t_hi, n_eff, t_hi,
                       qk_scale, width, sl, sc, ss, BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, GATHER=True,
                       MASKED=True, DQK=DQK, DV=DV, BN=BN2, F32=F32)
-    _store_rows(DQb, offs_m, gqn, sgqd, qin, dq * scale, W=DQK, MERGE=MERGE, F32=F32)
+    if ORDERED_DQ:
+        tl.static_assert(BM2 % BM1 == 0, "a query tile holds whole chunks")
+        later = _chunk_sum_count(offs_m, n_eff, sl, sc, ss, SUMMARY=SUMMARY, BM1=BM1) > 0
+        _store_rows(DQb, offs_m, gqn, sgqd, qin & ~later, dq * scale, W=DQK, MERGE=False, F32=F32)
+        tl.store(ACCb + offs_m[:, None] * DQK + tl.arange(0, DQK)[None, :], dq, mask=(qin & later)[:, None])
+        tl.debug_barrier()  # every thread's stores before the turns pass
+        for c in range(i0 // BM1, tl.cdiv(tl.minimum(i0 + BM2, n_eff), BM1)):
+            tl.atomic_xchg(TURNb + c, 1, sem="release")
+    else:
+        _store_rows(DQb, offs_m, gqn, sgqd, qin, dq * scale, W=DQK, MERGE=MERGE, F32=F32)
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, DO, GRAD_Q, GRAD_K, GRAD_V, LSE, DELTA, HEADS, STARTS,
+def _bwd_kernel(Q, K, V, DO, GRAD_Q, GRAD_K, GRAD_V, LSE, DELTA, HEADS, STARTS, ACC, TURNS,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
                 sgqb, sgqh, sgqn, sgqd, sgvb, sgvh, sgvn, sgvd,
                 n, H, HL, groups, qk_scale, scale, width, sl, sc, nks,
                 BAND: tl.constexpr, OFF: tl.constexpr, SUMMARY: tl.constexpr, MERGE: tl.constexpr,
                 DQK: tl.constexpr, DV: tl.constexpr, BM1: tl.constexpr, BN1: tl.constexpr, BM2: tl.constexpr,
-                BN2: tl.constexpr, FUSED: tl.constexpr, ONE_LOOP: tl.constexpr, F32: tl.constexpr):
+                BN2: tl.constexpr, FUSED: tl.constexpr, ONE_LOOP: tl.constexpr, ORDERED_DQ: tl.constexpr,
+                F32: tl.constexpr):
     """dQ, dK, dV of one launch's parts; program ``pid0 // groups`` picks the role (see the module docstring).
     GRAD_Q and GRAD_K share one layout (strides sgq*), GRAD_V has its own (sgv*). ``nks``: summary key tiles of the head with the
-    most summary cells (the host's count, so the roles line up across heads)."""
+    most summary cells (the host's count, so the roles line up across heads). ORDERED_DQ (summary launches): the
+    summary part's dQ comes from the summary key tiles, added in turn to ACC ([b, H, n, DQK] float32) under per-chunk
+    turn counters in TURNS (per (batch, head of the launch): a ticket counter, then one counter per BM1 query rows;
+    zeroed by the host); programs take their role from a ticket: query tiles first, then summary key tiles in order,
+    then band key tiles."""
     tl.static_assert(not (FUSED and SUMMARY != SUM_NONE), "the fused role computes band-only launches")
+    tl.static_assert(not ORDERED_DQ or (SUMMARY != SUM_NONE and not MERGE and not FUSED),
+                     "ordered dQ is for summary launches in the natural layout")
     tl.static_assert(BAND != BAND_NONE or SUMMARY != SUM_NONE, "a launch computes at least one part")
     pid0 = tl.program_id(0)
     pid_bh = tl.program_id(1)
     grp = pid0 % groups
     role = pid0 // groups
     n_eff = (n - grp + groups - 1) // groups
+    nkb = tl.cdiv(tl.cdiv(n, groups), BN1)
+    TURNb = TURNS + pid_bh * (tl.cdiv(n, BM1) + 1) + 1
+    if ORDERED_DQ:  # role by ticket: query tiles, then summary key tiles, then band key tiles
+        ticket = tl.atomic_add(TURNb - 1, 1)
+        nqb = tl.cdiv(n, BM2)
+        role = tl.where(ticket < nqb, nkb + nks + ticket, tl.where(ticket < nqb + nks, nkb + ticket - nqb,
+                                                                    ticket - nqb - nks))
     b = pid_bh // HL
     hl = pid_bh % HL
     h = tl.load(HEADS + hl)
@@ -600,7 +677,7 @@ def _bwd_kernel(Q, K, V, DO, GRAD_Q, GRAD_K, GRAD_V, LSE, DELTA, HEADS, STARTS,
     don = sdon * groups
     gqn = sgqn * groups
     gvn = sgvn * groups
-    nkb = tl.cdiv(tl.cdiv(n, groups), BN1)
+    ACCb = ACC + (b * H + h) * n * DQK
     if FUSED:
         i0 = role * BN1
         if i0 < n_eff:
@@ -614,15 +691,15 @@ def _bwd_kernel(Q, K, V, DO, GRAD_Q, GRAD_K, GRAD_V, LSE, DELTA, HEADS, STARTS,
                        BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, MERGE=MERGE, DQK=DQK, DV=DV, BN1=BN1, BM1=BM1, F32=F32)
     elif role < nkb + nks:
         if SUMMARY != SUM_NONE:
-            _bwd_summary_keys(Qb, Kb, Vb, DOb, DKb, DVb, LSEb, DELb, qn, sqd, kn, skd, vn, svd, don, sdod,
-                              gqn, sgqd, gvn, sgvd, groups, (role - nkb) * BN1, n, n_eff, qk_scale, scale, width,
-                              sl, sc, ss, BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, MERGE=MERGE, DQK=DQK, DV=DV,
-                              BN1=BN1, BM1=BM1, F32=F32)
+            _bwd_summary_keys(Qb, Kb, Vb, DOb, DQb, DKb, DVb, ACCb, TURNb, LSEb, DELb, qn, sqd, kn, skd, vn, svd,
+                              don, sdod, gqn, sgqd, gvn, sgvd, groups, (role - nkb) * BN1, n, n_eff, qk_scale, scale,
+                              width, sl, sc, ss, BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, MERGE=MERGE, DQK=DQK, DV=DV,
+                              BN1=BN1, BM1=BM1, ORDERED_DQ=ORDERED_DQ, F32=F32)
     else:
         # later query tiles (more keys) first
         i0 = (tl.cdiv(tl.cdiv(n, groups), BM2) - 1 - (role - nkb - nks)) * BM2
         if i0 < n_eff:
-            _bwd_queries(Qb, Kb, Vb, DOb, DQb, LSEb, DELb, qn, sqd, kn, skd, vn, svd, don, sdod, gqn, sgqd,
-                         groups, i0, n_eff, qk_scale, scale, width, sl, sc, ss,
+            _bwd_queries(Qb, Kb, Vb, DOb, DQb, ACCb, TURNb, LSEb, DELb, qn, sqd, kn, skd, vn, svd, don, sdod, gqn,
+                         sgqd, groups, i0, n_eff, qk_scale, scale, width, sl, sc, ss,
                          BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, MERGE=MERGE, DQK=DQK, DV=DV, BM2=BM2, BN2=BN2,
-                         F32=F32)
+                         BM1=BM1, ORDERED_DQ=ORDERED_DQ, F32=F32)

@@ -174,6 +174,42 @@ def test_separate_widths_match_reference(name, pattern, n, heads, d_qk, d_v, dty
     check_against_reference(q, k, v, do, pattern)
 
 
+# ordered dQ (BwdTiles.ordered_dq): summary key tiles add the summary part's dQ in turn; chunks of bm1 query rows
+# smaller and larger than the key tiles, per-head summaries, a standalone summary part, a HeadSplit with a strided
+# group, separate widths
+ORDERED = [
+    ("fixed", Fixed(16, 4), 80, 2, 1, 32, 32, "fp16"),
+    ("fixed_per_head_batch2", Fixed(16, 6, (0, 1)), 90, 2, 2, 64, 32, "bf16"),
+    ("summary_upto", FixedSummary(12, 5), 75, 2, 1, 32, 32, "fp32"),
+    ("headsplit_fixed_strided", HeadSplit((Fixed(16, 4, (0, 1)), Strided(8))), 64, 4, 1, 32, 64, "fp32"),
+]
+ORDERED_TILES = [BwdTiles(16, 32, 32, 16, stages=1, ordered_dq=True), BwdTiles(32, 16, 16, 32, stages=1, ordered_dq=True)]
+
+
+@in_child
+@pytest.mark.parametrize(
+    "name,pattern,n,heads,batch,d_qk,d_v,dtype,bwd",
+    [(*c, ORDERED_TILES[i % 2]) for i, c in enumerate(ORDERED)],
+    ids=[c[0] for c in ORDERED],
+)
+def test_ordered_dq_matches_reference(name, pattern, n, heads, batch, d_qk, d_v, dtype, bwd):
+    q, k, v, do = _inputs(batch, heads, n, d_qk, DTYPES[dtype], seed=zlib.crc32(f"ordered-{name}".encode()), d_v=d_v)
+    with tile_override(fwd=FwdTiles(16, 16, stages=1), bwd=bwd):
+        check_against_reference(q, k, v, do, pattern)
+
+
+@in_child
+def test_ordered_dq_is_deterministic():
+    q, k, v, do = _inputs(1, 2, 64, 32, torch.float16, seed=11)
+    grads = []
+    with tile_override(bwd=BwdTiles(16, 16, 16, 16, stages=1, ordered_dq=True)):
+        for _ in range(2):
+            qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+            sparse_attention(qq, kk, vv, Fixed(16, 4, (0, 1)), backend="triton").backward(do)
+            grads.append(torch.cat([qq.grad, kk.grad, vv.grad]))
+    assert torch.equal(grads[0], grads[1])
+
+
 @in_child
 @pytest.mark.parametrize(
     "fwd,bwd,seed",
@@ -297,6 +333,22 @@ def test_tile_override_is_scoped_and_innermost_wins():
     with pytest.raises(ValueError, match="layout"):
         with tile_override(fwd=outer, layout="diagonal"):
             pass
+
+
+@in_parent
+def test_ordered_dq_only_for_summary_launches():
+    from lightning_sparse.kernels.launch_plan import launch_plan
+    from lightning_sparse.kernels.triton_backend import _config
+
+    on = BwdTiles(32, 64, 16, 32, ordered_dq=True)
+    (fixed,) = launch_plan(Fixed(128, 32), 2)
+    local, strided = launch_plan(Strided(128), 2)
+    with tile_override(bwd=on):
+        t = _config("bwd", fixed, 64, 64, torch.bfloat16, 4096)
+        assert t.ordered_dq and t.bm2 % t.bm1 == 0  # query tiles hold whole turn chunks
+        assert not _config("bwd", local, 64, 64, torch.bfloat16, 4096).ordered_dq
+        assert not _config("bwd", strided, 64, 64, torch.bfloat16, 32).ordered_dq
+    assert not _config("bwd", fixed, 64, 64, torch.bfloat16, 4096).ordered_dq  # off by default
 
 
 class _TwoBands(Pattern):

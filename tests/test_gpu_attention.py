@@ -8,6 +8,7 @@ backend. Set ``GPU_ERR_LOG=path`` to append one line of max relative errors per 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -161,6 +162,28 @@ def test_both_backward_programs(fused):
         check(1, 2, 8192, 64, torch.bfloat16, Strided(128))
         check(1, 2, 4096, 64, torch.bfloat16, Dense())
         check(1, 2, 4096, (32, 128), torch.bfloat16, Local(256))
+
+
+def test_ordered_dq_backward():
+    """The fixed pattern's backward with the summary part's dQ added in turn (BwdTiles.ordered_dq): against the
+    reference at the Enwik8 shape and a long one, and bit-identical twice."""
+    from dataclasses import replace
+
+    from lightning_sparse.kernels.tiles import select_tiles, tile_override
+
+    with contextlib.ExitStack() as stack:
+        for w in (32, 64, 128):
+            tiles = replace(select_tiles("bwd", "natural", w, w, torch.bfloat16), ordered_dq=True)
+            stack.enter_context(tile_override(bwd=tiles, layout="natural", widths=(w, w)))
+        check(2, 8, 12288, 64, torch.bfloat16, Fixed(128, 32, (0, 1, 2, 3)))
+        check(1, 2, 65536, 64, torch.bfloat16, Fixed(256, 64))
+        check(2, 4, 4096, 32, torch.float16, Fixed(128, 32, (0, 1)))
+        g = torch.Generator(device="cuda").manual_seed(5)
+        q, k, v, do = (torch.randn(2, 8, 16384, 64, device="cuda", generator=g).to(torch.bfloat16) for _ in range(4))
+        a = kernel_attention(q, k, v, do, Fixed(128, 32, (0, 1)), None)
+        b = kernel_attention(q, k, v, do, Fixed(128, 32, (0, 1)), None)
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x, y)
 
 
 def test_model_layout_odd_length_and_scale():
