@@ -12,16 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import (
-    ByteDataModule,
-    RandomWindowSampler,
-    TailScoredWindows,
-    WindowDataset,
-    default_cache_dir,
-    ordered_map,
-    read_cache,
-    write_cache,
-)
+from .base import StreamDataModule
+from .store import default_cache_dir, ordered_map, read_cache, write_cache
 
 SPLITS = ("train", "val", "test")
 _CSV_SPLITS = {"train": "train", "validation": "val", "val": "val", "test": "test"}
@@ -51,7 +43,7 @@ def encode_file(path: str, sample_rate: int) -> np.ndarray:
     return codes.to(torch.uint8).numpy()
 
 
-class AudioDataModule(ByteDataModule):
+class AudioDataModule(StreamDataModule):
     """Raw audio as bytes: every file mixed to mono, resampled to `sample_rate` (12 kHz), 8-bit μ-law.
 
     The paper's classical-music set (Dieleman et al. 2018) is not public; MAESTRO v3 (piano, WAV 44.1-48 kHz;
@@ -103,7 +95,7 @@ class AudioDataModule(ByteDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                         seed=seed)
+                         seed=seed, train_samples=train_samples)
         if sample_rate <= 0:
             raise ValueError(f"sample_rate={sample_rate} must be a positive number of Hz (the paper: 12000)")
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
@@ -116,7 +108,6 @@ class AudioDataModule(ByteDataModule):
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}"
                                 for e in (extensions or [".wav", ".flac", ".ogg"]))
-        self.train_samples = train_samples
         self.decode_workers = (os.cpu_count() or 1) if decode_workers is None else decode_workers
 
     def files(self) -> list[str]:
@@ -187,8 +178,7 @@ class AudioDataModule(ByteDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Open the three caches and build training crops and evaluation windows."""
         splits = self.split_of(self.files())
-        window = self.seq_len + 1
-        sets, totals = {}, {}
+        caches, files, lengths = {}, {}, {}
         for split, names in splits.items():
             cache = self.cache_path(split, names)
             manifest = read_cache(cache, {"sample_rate": self.sample_rate, "files": names})
@@ -196,18 +186,17 @@ class AudioDataModule(ByteDataModule):
                 self.prepare_data()
                 manifest = read_cache(cache, {"sample_rate": self.sample_rate, "files": names})
             ends = np.cumsum(manifest["lengths"], dtype=np.int64)
-            files = [(int(e - n), int(e)) for e, n in zip(ends, manifest["lengths"], strict=True)]
-            if split == "train":  # random crops inside one file
-                sets[split] = WindowDataset(cache, files, window, stride=1)
-            else:  # each file is its own context; every sample after a file's first is scored once
-                sets[split] = TailScoredWindows(cache, [(a, a, b) for a, b in files], self.seq_len, min_context=0,
-                                                pad_to_multiple=self.world_size)
-            totals[split] = int(manifest["nbytes"])
-            if len(sets[split]) == 0:
-                longest = max(manifest["lengths"]) / self.sample_rate
+            caches[split], lengths[split] = cache, manifest["lengths"]
+            files[split] = [(int(e - n), int(e)) for e, n in zip(ends, manifest["lengths"], strict=True)]
+        window = self.seq_len + 1
+        for split in SPLITS:
+            if max(lengths[split]) < window:
+                longest = max(lengths[split]) / self.sample_rate
                 raise ValueError(f"AudioDataModule: no {split} file holds one window of seq_len + 1 = {window} samples "
                                  f"({window / self.sample_rate:.1f} s at {self.sample_rate} Hz; longest file "
                                  f"{longest:.1f} s); use a smaller seq_len or longer files")
-        self.train_set, self.val_set, self.test_set = sets["train"], sets["val"], sets["test"]
-        samples = self.train_samples or max(1, totals["train"] // self.seq_len)
-        self.train_sampler = RandomWindowSampler(len(self.train_set), samples, seed=self.seed)
+        # Training crops lie inside one file; each evaluation file is its own context, every sample after its
+        # first scored once.
+        self.setup_streams(train=(caches["train"], files["train"]),
+                           val=(caches["val"], [(a, a, b) for a, b in files["val"]], 0),
+                           test=(caches["test"], [(a, a, b) for a, b in files["test"]], 0))

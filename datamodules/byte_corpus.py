@@ -9,15 +9,8 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
-from .base import (
-    ByteDataModule,
-    RandomWindowSampler,
-    TailScoredWindows,
-    WindowDataset,
-    default_cache_dir,
-    read_cache,
-    write_cache,
-)
+from .base import StreamDataModule
+from .store import default_cache_dir, read_cache, write_cache
 
 _GLOB_CHARS = set("*?[")
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -57,7 +50,7 @@ def resolve_paths(paths: list[str]) -> list[Path]:
     return list(out)
 
 
-class ByteCorpusDataModule(ByteDataModule):
+class ByteCorpusDataModule(StreamDataModule):
     """Bytes of the files you name, concatenated in order, as one stream split 90/5/5 (train/val/test).
 
     With `paths=None` the corpus is the `.py` files of the running Python's standard library (≈30 MB, sorted),
@@ -95,7 +88,7 @@ class ByteCorpusDataModule(ByteDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                         seed=seed)
+                         seed=seed, train_samples=train_samples)
         if isinstance(paths, str):
             paths = [paths]
         if paths is not None and len(paths) == 0:
@@ -104,11 +97,8 @@ class ByteCorpusDataModule(ByteDataModule):
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in (0, 1) "
                              "with a sum below 1")
-        if train_samples is not None and train_samples <= 0:
-            raise ValueError(f"train_samples={train_samples} must be positive (or None for train bytes // seq_len)")
         self.paths = paths
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "byte_corpus"
-        self.train_samples = train_samples
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
 
     def files(self) -> list[Path]:
@@ -174,13 +164,7 @@ class ByteCorpusDataModule(ByteDataModule):
                 f"larger corpus (at least ~{int(window / min(self.val_fraction, self.test_fraction)) + 1} bytes) "
                 "or a smaller seq_len"
             )
-        start, stop = bounds["train"]
-        self.train_set = WindowDataset(cache, [(start, stop)], window, stride=1)
-        samples = self.train_samples or max(1, (stop - start) // self.seq_len)
-        self.train_sampler = RandomWindowSampler(len(self.train_set), samples, seed=self.seed)
         # Non-overlapping evaluation windows that score each val/test byte once (context may reach into the
         # previous split), padded with windows scoring nothing so that DDP evaluation equals one process's.
-        pad = self.world_size
-        self.val_set = TailScoredWindows(cache, [(0, *bounds["val"])], self.seq_len, min_context=0, pad_to_multiple=pad)
-        self.test_set = TailScoredWindows(cache, [(0, *bounds["test"])], self.seq_len, min_context=0,
-                                          pad_to_multiple=pad)
+        self.setup_streams(train=(cache, [bounds["train"]]), val=(cache, [(0, *bounds["val"])], 0),
+                           test=(cache, [(0, *bounds["test"])], 0))

@@ -7,16 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import (
-    ByteDataModule,
-    ensure_file,
-    load_pickle,
-    planar_to_interleaved,
-    read_cache,
-    safe_extract,
-    verify_file,
-    write_cache,
-)
+from .archive import safe_extract
+from .base import RecordDataModule
+from .decode import load_pickle, planar_to_interleaved
+from .fetch import ensure_file, verify_file
+from .store import read_cache, write_cache
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -33,7 +28,7 @@ TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 RECORD = 32 * 32 * 3
 
 
-class CIFAR10DataModule(ByteDataModule):
+class CIFAR10DataModule(RecordDataModule):
     """CIFAR-10 (python version) for unconditional density modeling; each sample is one image of 3,072 bytes.
 
     Byte order: raster order, R, G, B interleaved per pixel (the batches store R, G, B planes; they are
@@ -126,4 +121,4 @@ class CIFAR10DataModule(ByteDataModule):
         Training items are records; validation/test items are (record, first_scored) pairs padded to a multiple of
         the world size with records that score nothing, so DDP bits/dim count every image once.
         """
-        self.setup_image_records(RECORD, self.val_size, self.split_seed)
+        self.setup_records(RECORD, self.val_size, self.split_seed)

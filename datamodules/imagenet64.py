@@ -10,17 +10,11 @@ from typing import Literal
 
 import numpy as np
 
-from .base import (
-    ByteDataModule,
-    check_tar_members,
-    ensure_file,
-    load_pickle,
-    ordered_map,
-    planar_to_interleaved,
-    read_cache,
-    safe_extract,
-    write_cache,
-)
+from .archive import check_tar_members, safe_extract
+from .base import RecordDataModule
+from .decode import load_pickle, planar_to_interleaved
+from .fetch import ensure_file
+from .store import ordered_map, read_cache, write_cache
 
 SIDE = 64
 RECORD = SIDE * SIDE * 3
@@ -55,7 +49,7 @@ def _decode_pngs(items: list[tuple[str, bytes | None]]) -> np.ndarray:
     return out
 
 
-class ImageNet64DataModule(ByteDataModule):
+class ImageNet64DataModule(RecordDataModule):
     """ImageNet 64x64 for unconditional density modeling; each sample is one image of 12,288 bytes (HWC raster).
 
     `format="oord"` (the benchmark of the paper's 3.44 bits/dim): van den Oord et al.'s flat folders of PNGs,
@@ -228,5 +222,5 @@ class ImageNet64DataModule(ByteDataModule):
         Training items are records; validation/test items are (record, first_scored) pairs padded to a multiple of
         the world size with records that score nothing, so DDP bits/dim count every image once.
         """
-        self.setup_image_records(RECORD, self.val_size, self.split_seed)
+        self.setup_records(RECORD, self.val_size, self.split_seed)
 
