@@ -2,8 +2,8 @@
 
 Each dataset is a short subclass of `StreamDataModule` or `RecordDataModule` (base.py). The shared duties live
 by job: fetch.py (downloads, checksums), archive.py (safe extraction), store.py (memmap caches), decode.py (release
-formats), datasets.py (datasets and samplers). The paper's datasets import torchvision/torchaudio/soundfile only
-when they decode data.
+formats), datasets.py (datasets and samplers), loader.py (the resumable training loader). The paper's datasets
+import torchvision/torchaudio/soundfile only when they decode data.
 """
 
 from lightning_sparse.atomic import atomic_write  # re-exported: it lived here before
@@ -18,6 +18,7 @@ from .datasets import (
     RandomWindowSampler,
     RecordDataset,
     ScoredRecords,
+    SeededShuffleSampler,
     TailScoredWindows,
     WindowDataset,
     holdout_split,
@@ -26,6 +27,7 @@ from .decode import load_pickle
 from .enwik8 import Enwik8DataModule
 from .fetch import ChecksumError, DownloadError, download_url, ensure_file, verify_file
 from .imagenet64 import ImageNet64DataModule
+from .loader import ResumableLoader
 from .store import LazyMemmap, default_cache_dir, read_cache, write_cache
 
 __all__ = [
@@ -42,7 +44,9 @@ __all__ = [
     "RandomWindowSampler",
     "RecordDataModule",
     "RecordDataset",
+    "ResumableLoader",
     "ScoredRecords",
+    "SeededShuffleSampler",
     "StreamDataModule",
     "TailScoredWindows",
     "UnsafeArchiveError",

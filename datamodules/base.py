@@ -19,10 +19,12 @@ from .datasets import (
     RandomWindowSampler,
     RecordDataset,
     ScoredRecords,
+    SeededShuffleSampler,
     TailScoredWindows,
     WindowDataset,
     holdout_split,
 )
+from .loader import ResumableLoader
 from .store import read_cache
 
 
@@ -30,8 +32,10 @@ class ByteDataModule(L.LightningDataModule):
     """Base of every DataModule here: holds the common arguments and builds the loaders.
 
     Subclasses download/verify/preprocess in `prepare_data` (once per node) and set `self.train_set`,
-    `self.val_set`, `self.test_set` in `setup` (every process); the training set may come with
-    `self.train_sampler` (random crops). `predict_dataloader` serves the test set.
+    `self.train_sampler` (an order that is a function of (seed, epoch)), `self.val_set` and `self.test_set` in
+    `setup` (every process). The training loader is a `ResumableLoader`: its position in the epoch goes into
+    Lightning's checkpoints and a resumed run continues with exactly the batches the uninterrupted run would have
+    seen. `predict_dataloader` serves the test set.
     """
 
     def __init__(self, seq_len: int, batch_size: int, num_workers: int = 0, pin_memory: bool = False,
@@ -58,15 +62,14 @@ class ByteDataModule(L.LightningDataModule):
         return self.trainer.world_size if self.trainer is not None else 1
 
     def _loader(self, dataset: Dataset | None, name: str, sampler: Sampler | None = None,
-                shuffle: bool = False) -> DataLoader:
+                loader: type[DataLoader] = DataLoader) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: the {name} set is not built; call prepare_data() and "
                                f"setup() first (the Trainer does this for you)")
-        return DataLoader(
+        return loader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
-            shuffle=shuffle if sampler is None else False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
@@ -74,8 +77,10 @@ class ByteDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        # Record sets shuffle (Lightning swaps in a DistributedSampler under DDP); stream sets bring their sampler.
-        return self._loader(self.train_set, "training", self.train_sampler, shuffle=True)
+        # Under DDP Lightning wraps the sampler in a DistributedSamplerWrapper: ranks share one seeded draw.
+        if self.train_sampler is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() set no train_sampler; training needs a seeded order")
+        return self._loader(self.train_set, "training", self.train_sampler, ResumableLoader)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, "validation")
@@ -129,7 +134,8 @@ class RecordDataModule(ByteDataModule):
     """Base of the image DataModules: fixed-size records in a ``train`` and a ``test`` cache.
 
     A subclass provides `cache_path(split)` and builds both caches in `prepare_data`; `setup_records` holds out a
-    seeded validation set from the training records.
+    seeded validation set from the training records. Training records are shuffled by a permutation seeded
+    (seed, epoch).
     """
 
     def cache_path(self, split: str) -> os.PathLike:
@@ -151,6 +157,7 @@ class RecordDataModule(ByteDataModule):
         train_idx, val_idx = holdout_split(manifests["train"]["nbytes"] // record_size, val_size, split_seed)
         n_test = manifests["test"]["nbytes"] // record_size
         self.train_set = RecordDataset(self.cache_path("train"), record_size, np.sort(train_idx))
+        self.train_sampler = SeededShuffleSampler(len(self.train_set), seed=self.seed)
         pad = self.world_size
         self.val_set = ScoredRecords(RecordDataset(self.cache_path("train"), record_size, np.sort(val_idx)), pad)
         self.test_set = ScoredRecords(RecordDataset(self.cache_path("test"), record_size, np.arange(n_test)), pad)

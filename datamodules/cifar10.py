@@ -51,6 +51,7 @@ class CIFAR10DataModule(RecordDataModule):
         file_md5s: md5 per batch file (None skips the checks).
         val_size: images held out of the training batches for validation.
         split_seed: seed of the hold-out permutation (11172018 as the authors).
+        seed: seed of the training order (a permutation per epoch, seeded (seed, epoch)).
     """
 
     def __init__(
@@ -66,8 +67,10 @@ class CIFAR10DataModule(RecordDataModule):
         val_size: int = 2000,
         split_seed: int = 11172018,
         pin_memory: bool = False,
+        seed: int = 0,
     ) -> None:
-        super().__init__(seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        super().__init__(seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                         seed=seed)
         if seq_len != RECORD:
             raise ValueError(f"seq_len={seq_len}, but a CIFAR-10 image is {RECORD} bytes (32x32x3); set seq_len: 3072")
         self.data_dir = Path(data_dir).expanduser()

@@ -66,29 +66,65 @@ class WindowDataset(Dataset):
         return torch.from_numpy(np.array(self.data.array[a:a + self.window]))
 
 
-class RandomWindowSampler(Sampler[int]):
-    """`num_samples` window indices drawn uniformly from [0, num_positions) by a generator seeded (seed, epoch).
+class EpochSampler(Sampler[int]):
+    """A sampler whose order is a function of (seed, epoch) only, so a resumed epoch draws it again exactly.
 
     Lightning calls `set_epoch` each epoch (under DDP through its `DistributedSamplerWrapper`, which then gives
-    each rank a disjoint share of the same draw), so crops differ between epochs and between ranks while a run is
-    reproducible from its seed. Without `set_epoch` the epoch advances on each iteration.
+    each rank a disjoint share of the same draw). Without `set_epoch` between two iterations the epoch advances
+    by one, so a plain loop over epochs also sees a new order each time. `epoch` is the epoch of the last draw.
     """
 
-    def __init__(self, num_positions: int, num_samples: int, seed: int = 0) -> None:
-        if num_positions <= 0 or num_samples <= 0:
-            raise ValueError(f"num_positions ({num_positions}) and num_samples ({num_samples}) must be positive")
-        self.num_positions, self.num_samples, self.seed, self.epoch = num_positions, num_samples, seed, 0
+    def __init__(self, num_samples: int, seed: int = 0) -> None:
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+        self._epoch_was_set = True  # the first draw uses epoch 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch, self._epoch_was_set = epoch, True
 
     def __len__(self) -> int:
         return self.num_samples
 
     def __iter__(self) -> Iterator[int]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        self.epoch += 1
-        return iter(rng.integers(0, self.num_positions, size=self.num_samples).tolist())
+        if not self._epoch_was_set:
+            self.epoch += 1
+        self._epoch_was_set = False
+        return iter(self.draw(np.random.default_rng([self.seed, self.epoch])).tolist())
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        """The epoch's indices from its generator."""
+        raise NotImplementedError(f"{type(self).__name__} must implement draw(rng)")
+
+
+class RandomWindowSampler(EpochSampler):
+    """`num_samples` window indices drawn uniformly from [0, num_positions) by a generator seeded (seed, epoch).
+
+    The crop at position i of an epoch is a function of (seed, epoch, i), so crops differ between epochs and
+    between ranks while a run, and a resumed run, is reproducible from its seed.
+    """
+
+    def __init__(self, num_positions: int, num_samples: int, seed: int = 0) -> None:
+        if num_positions <= 0 or num_samples <= 0:
+            raise ValueError(f"num_positions ({num_positions}) and num_samples ({num_samples}) must be positive")
+        super().__init__(num_samples, seed)
+        self.num_positions = num_positions
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        return rng.integers(0, self.num_positions, size=self.num_samples)
+
+
+class SeededShuffleSampler(EpochSampler):
+    """Every index of [0, num_samples) once per epoch, in a permutation seeded (seed, epoch) (record shuffling).
+
+    Unlike torch's `RandomSampler`, whose order comes from the global RNG, the order is known again on resume.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0) -> None:
+        if num_samples <= 0:
+            raise ValueError(f"num_samples ({num_samples}) must be positive")
+        super().__init__(num_samples, seed)
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        return rng.permutation(self.num_samples)
 
 
 class RecordDataset(Dataset):

@@ -77,6 +77,7 @@ class ImageNet64DataModule(RecordDataModule):
         val_size: training images held out for validation.
         split_seed: seed of the hold-out permutation.
         decode_workers: processes that decode PNGs (default: all CPUs; 0 decodes in this process).
+        seed: seed of the training order (a permutation per epoch, seeded (seed, epoch)).
     """
 
     def __init__(
@@ -93,8 +94,10 @@ class ImageNet64DataModule(RecordDataModule):
         split_seed: int = 0,
         decode_workers: int | None = None,
         pin_memory: bool = False,
+        seed: int = 0,
     ) -> None:
-        super().__init__(seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        super().__init__(seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                         seed=seed)
         if format not in ("oord", "chrabaszcz"):
             raise ValueError(f"format={format!r}: use 'oord' (van den Oord PNG folders, the paper's benchmark) or "
                              "'chrabaszcz' (Chrabaszcz et al. batches)")
