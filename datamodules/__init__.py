@@ -8,7 +8,7 @@ import torchvision/torchaudio/soundfile only when they decode data.
 
 from lightning_sparse.atomic import atomic_write  # re-exported: it lived here before
 
-from .archive import UnsafeArchiveError, safe_extract
+from .archive import ArchiveTooLargeError, ExtractionConflictError, UnsafeArchiveError, safe_extract
 from .audio import AudioDataModule
 from .base import ByteDataModule, RecordDataModule, StreamDataModule
 from .byte_corpus import ByteCorpusDataModule
@@ -25,12 +25,13 @@ from .datasets import (
 )
 from .decode import load_pickle
 from .enwik8 import Enwik8DataModule
-from .fetch import ChecksumError, DownloadError, download_url, ensure_file, verify_file
+from .fetch import ChecksumError, DownloadError, download_url, ensure_file, folder_lock, verify_file
 from .imagenet64 import ImageNet64DataModule
 from .loader import ResumableLoader
 from .store import LazyMemmap, default_cache_dir, read_cache, write_cache
 
 __all__ = [
+    "ArchiveTooLargeError",
     "AudioDataModule",
     "ByteCorpusDataModule",
     "ByteDataModule",
@@ -38,6 +39,7 @@ __all__ = [
     "ChecksumError",
     "DownloadError",
     "Enwik8DataModule",
+    "ExtractionConflictError",
     "ImageNet64DataModule",
     "LazyMemmap",
     "PaddedEvaluationSet",
@@ -55,6 +57,7 @@ __all__ = [
     "default_cache_dir",
     "download_url",
     "ensure_file",
+    "folder_lock",
     "holdout_split",
     "load_pickle",
     "read_cache",

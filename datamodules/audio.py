@@ -165,7 +165,11 @@ class AudioDataModule(StreamDataModule):
                 bar.update()
                 yield codes
 
-    def prepare_data(self) -> None:
+    def prepare_folder(self) -> Path:
+        """The folder prepared (and locked meanwhile): `cache_dir`."""
+        return self.cache_dir
+
+    def prepare(self) -> None:
         """Encode each split once into its cache (uint8 μ-law stream + per-file offsets in the manifest)."""
         for split, names in self.split_of(self.files()).items():
             cache = self.cache_path(split, names)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -24,6 +25,7 @@ from .datasets import (
     WindowDataset,
     holdout_split,
 )
+from .fetch import folder_lock
 from .loader import ResumableLoader
 from .store import read_cache
 
@@ -31,7 +33,9 @@ from .store import read_cache
 class ByteDataModule(L.LightningDataModule):
     """Base of every DataModule here: holds the common arguments and builds the loaders.
 
-    Subclasses download/verify/preprocess in `prepare_data` (once per node) and set `self.train_set`,
+    Subclasses download/verify/preprocess in `prepare` and name the folder it writes in `prepare_folder`;
+    `prepare_data` (Lightning calls it once per node) runs `prepare` holding that folder's lock, so concurrent jobs
+    or nodes sharing the folder prepare it once. `setup` (every process) sets `self.train_set`,
     `self.train_sampler` (an order that is a function of (seed, epoch)), `self.val_set` and `self.test_set` in
     `setup` (every process). The training loader is a `ResumableLoader`: its position in the epoch goes into
     Lightning's checkpoints and a resumed run continues with exactly the batches the uninterrupted run would have
@@ -55,6 +59,19 @@ class ByteDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self.train_sampler: Sampler | None = None
+
+    def prepare_folder(self) -> Path:
+        """The folder `prepare` writes (downloads, extractions, caches); its lock is held while preparing."""
+        raise NotImplementedError(f"{type(self).__name__} must implement prepare_folder()")
+
+    def prepare(self) -> None:
+        """Download, verify and preprocess what `setup` needs (called under the lock of `prepare_folder`)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement prepare()")
+
+    def prepare_data(self) -> None:
+        """`prepare` under the lock of `prepare_folder` (a second process waits, then finds the files ready)."""
+        with folder_lock(self.prepare_folder()):
+            self.prepare()
 
     @property
     def world_size(self) -> int:

@@ -123,7 +123,11 @@ class ByteCorpusDataModule(StreamDataModule):
         n_train = total - n_val - n_test
         return {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, total)}
 
-    def prepare_data(self) -> None:
+    def prepare_folder(self) -> Path:
+        """The folder prepared (and locked meanwhile): `cache_dir`."""
+        return self.cache_dir
+
+    def prepare(self) -> None:
         """Concatenate the corpus into the uint8 cache once (rebuilt when missing, incomplete or of another size)."""
         files = self.files()
         cache = self.cache_path(files)

@@ -105,7 +105,11 @@ class CIFAR10DataModule(RecordDataModule):
                              "N 'labels'); delete it and run again")
         return planar_to_interleaved(data, channels=3)
 
-    def prepare_data(self) -> None:
+    def prepare_folder(self) -> Path:
+        """The folder prepared (and locked meanwhile): `data_dir`."""
+        return self.data_dir
+
+    def prepare(self) -> None:
         """Build the train and test caches once (from the extracted batches or the archive)."""
         if all(read_cache(self.cache_path(s), {"record_size": RECORD}) for s in ("train", "test")):
             return

@@ -82,7 +82,11 @@ class Enwik8DataModule(StreamDataModule):
         """The extracted enwik8 file."""
         return self.data_dir / "enwik8"
 
-    def prepare_data(self) -> None:
+    def prepare_folder(self) -> Path:
+        """The folder prepared (and locked meanwhile): `data_dir`."""
+        return self.data_dir
+
+    def prepare(self) -> None:
         """Verify `enwik8`, or get `enwik8.zip` (downloading it unless offline), extract and verify it."""
         if self.path.exists():
             verify_file(self.path, size=self.size, checksums=self.checksums)
@@ -92,7 +96,7 @@ class Enwik8DataModule(StreamDataModule):
                                   size=self.zip_size, checksums={"md5": self.zip_md5})
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{err}. Alternatively put the extracted file at {self.path}.") from None
-        safe_extract(archive, self.data_dir, members=["enwik8"])
+        safe_extract(archive, self.data_dir, members=["enwik8"], max_bytes=self.size)  # checked before writing
         verify_file(self.path, size=self.size, checksums=self.checksums)
 
     def setup(self, stage: str | None = None) -> None:

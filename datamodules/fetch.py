@@ -1,21 +1,31 @@
-"""Fetching files: downloads with HTTP Range resume, size and checksum verification, offline errors.
+"""Fetching files: downloads with HTTP Range resume, size and checksum verification, offline errors, and the
+per-folder lock that makes concurrent preparation of one folder safe.
 
-Standard library only (tqdm, a Lightning dependency, draws the progress bar).
+Standard library plus filelock (a torch dependency) for the lock; tqdm (a Lightning dependency) draws the progress bar.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
+import logging
 import os
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from lightning_sparse.atomic import fsync_dir
+import filelock
+
+from lightning_sparse.atomic import atomic_write, fsync_dir
+
+log = logging.getLogger(__name__)
+LOCK_NAME = ".lightning-sparse.lock"
 
 CHUNK = 1 << 20  # 1 MiB: large enough for fast hashing and copying, small enough for a smooth progress bar
 HASH_ALGORITHMS = ("md5", "sha1", "sha256")
@@ -202,3 +212,52 @@ def ensure_file(
             + ("" if download or not url else ", or set download=True to fetch it")
         )
     return download_url(url, dest, size=size, checksums=checksums, progress=progress, retries=retries)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One preparer per folder
+# ----------------------------------------------------------------------------------------------------------------
+
+_locks: dict[str, filelock.FileLock] = {}  # one re-entrant lock object per folder and process
+_locks_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold the exclusive lock of `folder` (`folder/.lightning-sparse.lock`) while preparing data in it.
+
+    Another process (a second job, another node on a shared filesystem) that prepares the same folder waits
+    here, logging that it waits and who holds the lock, and afterwards finds the finished files and only checks
+    them. Re-entrant within a process, so nested preparation steps may take it again.
+    """
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    with _locks_guard:
+        lock = _locks.setdefault(str(path.resolve()), filelock.FileLock(str(path)))
+    try:
+        lock.acquire(timeout=1.0)  # a short wait goes unmentioned (and gives a new holder time to sign its name)
+    except filelock.Timeout:
+        holder = _read_holder(path)
+        log.warning("Waiting for the lock %s: another process (%s) is preparing data in %s; this one continues when "
+                    "it is done", path, holder, folder)
+        lock.acquire()
+    try:
+        if lock.lock_counter == 1:
+            with contextlib.suppress(OSError), atomic_write(_holder_path(path)) as f:
+                f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                        .encode())
+        yield
+    finally:
+        lock.release()
+
+
+def _holder_path(lock: Path) -> Path:
+    return lock.with_name(lock.name + ".holder")
+
+
+def _read_holder(lock: Path) -> str:
+    try:
+        return _holder_path(lock).read_text().strip() or "unknown"
+    except OSError:
+        return "holder unknown"

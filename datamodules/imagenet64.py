@@ -211,7 +211,11 @@ class ImageNet64DataModule(RecordDataModule):
 
     # ---- hooks -------------------------------------------------------------------------------------------------
 
-    def prepare_data(self) -> None:
+    def prepare_folder(self) -> Path:
+        """The folder prepared (and locked meanwhile): `data_dir`."""
+        return self.data_dir
+
+    def prepare(self) -> None:
         """Decode/convert each split once into its uint8 cache."""
         for split in ("train", "test"):
             if read_cache(self.cache_path(split), {"record_size": RECORD}):
