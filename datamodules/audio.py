@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from .base import StreamDataModule
-from .store import default_cache_dir, ordered_map, read_cache, write_cache
+from .store import SourceReader, default_cache_dir, ordered_map, read_cache, write_cache
 
 SPLITS = ("train", "val", "test")
 _CSV_SPLITS = {"train": "train", "validation": "val", "val": "val", "test": "test"}
@@ -29,18 +30,22 @@ def _audio_libs() -> tuple:
     return soundfile, taf
 
 
-def encode_file(path: str, sample_rate: int) -> np.ndarray:
-    """Read an audio file, mix to mono, resample to `sample_rate`, μ-law encode to uint8 (runs in a worker)."""
+def encode_file(path: str, sample_rate: int) -> tuple[np.ndarray, dict]:
+    """Read an audio file, mix to mono, resample to `sample_rate`, μ-law encode to uint8 (runs in a worker).
+
+    Returns the codes and the fingerprint of the file's bytes as decoded (for the cache manifest).
+    """
     soundfile, taf = _audio_libs()
+    reader = SourceReader()
     try:
-        samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
+        samples, rate = soundfile.read(io.BytesIO(reader.read(path)), dtype="float32", always_2d=True)
     except Exception as err:  # soundfile raises LibsndfileError/RuntimeError; name the file either way
         raise ValueError(f"cannot read audio file {path}: {err}") from err
     wave = torch.from_numpy(samples.mean(axis=1))
     if rate != sample_rate:
         wave = taf.resample(wave, orig_freq=rate, new_freq=sample_rate)
     codes = taf.mu_law_encoding(wave.clamp(-1.0, 1.0), quantization_channels=256)
-    return codes.to(torch.uint8).numpy()
+    return codes.to(torch.uint8).numpy(), reader.sources[0]
 
 
 class AudioDataModule(StreamDataModule):
@@ -55,7 +60,8 @@ class AudioDataModule(StreamDataModule):
     `split_csv` (columns `audio_filename` relative to `data_dir` and `split` in train/validation/test) or by a hash
     of each relative path: deterministic, independent of which other files exist, `val_fraction` and
     `test_fraction` of the files in expectation. Each split is cached once as a uint8 memmap in `cache_dir`
-    (name keyed on the files, their sizes and times, and the sample rate) with per-file offsets in its manifest.
+    (named after the folder, its files and the sample rate) with per-file offsets and fingerprints in its manifest;
+    an edited file rebuilds its split's cache in place (see `store.py`).
 
     Training: random crops of `seq_len + 1` bytes inside one file (`train_samples` per epoch, default one per
     `seq_len` bytes of training audio), uint8 [seq_len + 1] tensors. Validation/test: non-overlapping windows
@@ -69,6 +75,7 @@ class AudioDataModule(StreamDataModule):
         batch_size, num_workers, pin_memory: DataLoader settings.
         sample_rate: target rate in Hz.
         cache_dir: cache folder (default `~/.cache/lightning_sparse/audio`).
+        verify: hash the caches and every audio file in full before use (rebuilding what does not match).
         split_csv: optional CSV with `audio_filename` and `split` columns (MAESTRO's metadata file).
         val_fraction, test_fraction: expected fractions of files in val/test for the hash split.
         extensions: file suffixes to read.
@@ -85,6 +92,7 @@ class AudioDataModule(StreamDataModule):
         num_workers: int = 0,
         sample_rate: int = 12_000,
         cache_dir: str | None = None,
+        verify: bool = False,
         split_csv: str | None = None,
         val_fraction: float = 0.05,
         test_fraction: float = 0.05,
@@ -104,6 +112,7 @@ class AudioDataModule(StreamDataModule):
         self.data_dir = Path(data_dir).expanduser()
         self.sample_rate = sample_rate
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "audio"
+        self.verify = verify
         self.split_csv = Path(split_csv).expanduser() if split_csv else None
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}"
@@ -147,21 +156,21 @@ class AudioDataModule(StreamDataModule):
         return out
 
     def cache_path(self, split: str, names: list[str]) -> Path:
-        """Cache of one split, keyed on its files (path, size, mtime) and the sample rate."""
+        """Cache of one split, named after its folder, files and the sample rate (contents: in the manifest)."""
         key = hashlib.sha256(f"{self.data_dir.resolve()}\0{self.sample_rate}\n".encode())
         for name in names:
-            st = (self.data_dir / name).stat()
-            key.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            key.update(f"{name}\n".encode())
         return self.cache_dir / f"audio-{split}-{self.sample_rate}hz-{key.hexdigest()[:16]}.u8"
 
-    def _encoded(self, names: list[str], lengths: list[int]) -> Iterator[np.ndarray]:
+    def _encoded(self, names: list[str], lengths: list[int], sources: list[dict]) -> Iterator[np.ndarray]:
         from tqdm.auto import tqdm
 
-        paths = [str(self.data_dir / n) for n in names]
+        paths = [str((self.data_dir / n).resolve()) for n in names]
         encode = functools.partial(encode_file, sample_rate=self.sample_rate)
         with tqdm(total=len(paths), desc="encoding audio", unit="file") as bar:
-            for codes in ordered_map(encode, paths, self.decode_workers):
+            for codes, source in ordered_map(encode, paths, self.decode_workers):
                 lengths.append(len(codes))
+                sources.append(source)
                 bar.update()
                 yield codes
 
@@ -173,11 +182,12 @@ class AudioDataModule(StreamDataModule):
         """Encode each split once into its cache (uint8 μ-law stream + per-file offsets in the manifest)."""
         for split, names in self.split_of(self.files()).items():
             cache = self.cache_path(split, names)
-            if read_cache(cache, {"sample_rate": self.sample_rate, "files": names}):
+            if read_cache(cache, {"sample_rate": self.sample_rate, "files": names}, verify=self.verify):
                 continue
             lengths: list[int] = []
-            write_cache(cache, self._encoded(names, lengths),
-                        {"sample_rate": self.sample_rate, "files": names, "lengths": lengths})
+            sources: list[dict] = []
+            write_cache(cache, self._encoded(names, lengths, sources),
+                        {"sample_rate": self.sample_rate, "files": names, "lengths": lengths}, sources=sources)
 
     def setup(self, stage: str | None = None) -> None:
         """Open the three caches and build training crops and evaluation windows."""

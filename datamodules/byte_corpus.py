@@ -6,11 +6,10 @@ import glob
 import hashlib
 import os
 import sysconfig
-from collections.abc import Iterator
 from pathlib import Path
 
 from .base import StreamDataModule
-from .store import default_cache_dir, read_cache, write_cache
+from .store import SourceReader, default_cache_dir, read_cache, write_cache
 
 _GLOB_CHARS = set("*?[")
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -54,8 +53,9 @@ class ByteCorpusDataModule(StreamDataModule):
     """Bytes of the files you name, concatenated in order, as one stream split 90/5/5 (train/val/test).
 
     With `paths=None` the corpus is the `.py` files of the running Python's standard library (≈30 MB, sorted),
-    so it works offline anywhere. The concatenation is cached once as a uint8 file in `cache_dir` whose name
-    depends on the file list, sizes and modification times (a changed corpus gets a new cache). Training draws
+    so it works offline anywhere. The concatenation is cached once as a uint8 file in `cache_dir`, named after the
+    file list; its manifest fingerprints every file (see `store.py`), so an edited file, also one rewritten at the
+    same size with its mtime restored, rebuilds the cache in place of the old one. Training draws
     `train_samples` random crops of `seq_len + 1` bytes per epoch (default: train bytes // seq_len), uint8
     [seq_len + 1] tensors. Validation and test use non-overlapping windows given as (window uint8 [seq_len + 1],
     first_scored) pairs (see `TailScoredWindows`): every byte of the split is a target exactly once, also under
@@ -67,6 +67,7 @@ class ByteCorpusDataModule(StreamDataModule):
         batch_size: samples per batch.
         num_workers: DataLoader worker processes.
         cache_dir: folder of the cache (default `~/.cache/lightning_sparse/byte_corpus`).
+        verify: hash the cache and every corpus file in full before use (rebuilding what does not match).
         train_samples: random crops per training epoch (default train bytes // seq_len).
         val_fraction: fraction of the stream for validation (taken after the training part).
         test_fraction: fraction of the stream for test (the end of the stream).
@@ -81,6 +82,7 @@ class ByteCorpusDataModule(StreamDataModule):
         batch_size: int = 16,
         num_workers: int = 0,
         cache_dir: str | None = None,
+        verify: bool = False,
         train_samples: int | None = None,
         val_fraction: float = 0.05,
         test_fraction: float = 0.05,
@@ -99,6 +101,7 @@ class ByteCorpusDataModule(StreamDataModule):
                              "with a sum below 1")
         self.paths = paths
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "byte_corpus"
+        self.verify = verify
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
 
     def files(self) -> list[Path]:
@@ -110,11 +113,10 @@ class ByteCorpusDataModule(StreamDataModule):
         return files
 
     def cache_path(self, files: list[Path] | None = None) -> Path:
-        """Cache file for the current corpus: keyed on every file's path, size and modification time."""
+        """Cache file of the current corpus, named after its file list (its content is in the manifest)."""
         key = hashlib.sha256()
         for f in files if files is not None else self.files():
-            st = f.stat()
-            key.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            key.update(f"{f}\n".encode())
         return self.cache_dir / f"corpus-{key.hexdigest()[:20]}.u8"
 
     def split_bounds(self, total: int) -> dict[str, tuple[int, int]]:
@@ -128,21 +130,19 @@ class ByteCorpusDataModule(StreamDataModule):
         return self.cache_dir
 
     def prepare(self) -> None:
-        """Concatenate the corpus into the uint8 cache once (rebuilt when missing, incomplete or of another size)."""
+        """Concatenate the corpus into the uint8 cache once (rebuilt when missing, incomplete or out of date)."""
         files = self.files()
         cache = self.cache_path(files)
         total = sum(f.stat().st_size for f in files)
-        if read_cache(cache, {"nbytes": total}) is not None:
+        if read_cache(cache, {"nbytes": total}, verify=self.verify) is not None:
             return
         if total == 0:
             raise ValueError(f"ByteCorpusDataModule: the corpus ({len(files)} files, first {files[0]}) is empty; "
                              "name files that contain bytes")
 
-        def chunks() -> Iterator[bytes]:
-            for f in files:
-                yield f.read_bytes()
-
-        manifest = write_cache(cache, chunks(), {"files": len(files), "first": str(files[0])})
+        reader = SourceReader()
+        manifest = write_cache(cache, (reader.read(f) for f in files), {"files": len(files), "first": str(files[0])},
+                               sources=reader.sources)
         if manifest["nbytes"] != total:
             raise RuntimeError(f"ByteCorpusDataModule: corpus files changed while caching ({manifest['nbytes']} "
                                f"bytes read, {total} expected); run again")

@@ -52,6 +52,7 @@ class CIFAR10DataModule(RecordDataModule):
         val_size: images held out of the training batches for validation.
         split_seed: seed of the hold-out permutation (11172018 as the authors).
         seed: seed of the training order (a permutation per epoch, seeded (seed, epoch)).
+        verify: hash the caches in full before use and rebuild one whose content differs from its manifest.
     """
 
     def __init__(
@@ -68,12 +69,14 @@ class CIFAR10DataModule(RecordDataModule):
         split_seed: int = 11172018,
         pin_memory: bool = False,
         seed: int = 0,
+        verify: bool = False,
     ) -> None:
         super().__init__(seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                          seed=seed)
         if seq_len != RECORD:
             raise ValueError(f"seq_len={seq_len}, but a CIFAR-10 image is {RECORD} bytes (32x32x3); set seq_len: 3072")
         self.data_dir = Path(data_dir).expanduser()
+        self.verify = verify
         self.download, self.url, self.md5 = download, url, md5
         self.file_md5s = dict(CIFAR10_FILE_MD5S if file_md5s is None else file_md5s)
         self.val_size, self.split_seed = val_size, split_seed
@@ -111,7 +114,7 @@ class CIFAR10DataModule(RecordDataModule):
 
     def prepare(self) -> None:
         """Build the train and test caches once (from the extracted batches or the archive)."""
-        if all(read_cache(self.cache_path(s), {"record_size": RECORD}) for s in ("train", "test")):
+        if all(read_cache(self.cache_path(s), {"record_size": RECORD}, verify=self.verify) for s in ("train", "test")):
             return
         folder = self._batches_folder()
 

@@ -78,6 +78,7 @@ class ImageNet64DataModule(RecordDataModule):
         split_seed: seed of the hold-out permutation.
         decode_workers: processes that decode PNGs (default: all CPUs; 0 decodes in this process).
         seed: seed of the training order (a permutation per epoch, seeded (seed, epoch)).
+        verify: hash the caches in full before use and rebuild one whose content differs from its manifest.
     """
 
     def __init__(
@@ -95,6 +96,7 @@ class ImageNet64DataModule(RecordDataModule):
         decode_workers: int | None = None,
         pin_memory: bool = False,
         seed: int = 0,
+        verify: bool = False,
     ) -> None:
         super().__init__(seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                          seed=seed)
@@ -106,6 +108,7 @@ class ImageNet64DataModule(RecordDataModule):
         if decode_workers is not None and decode_workers < 0:
             raise ValueError(f"decode_workers={decode_workers} must be >= 0 (0 = decode in this process)")
         self.data_dir = Path(data_dir).expanduser()
+        self.verify = verify
         self.format = format
         self.download, self.urls, self.md5s = download, dict(urls or {}), dict(md5s or {})
         self.val_size, self.split_seed = val_size, split_seed
@@ -218,7 +221,7 @@ class ImageNet64DataModule(RecordDataModule):
     def prepare(self) -> None:
         """Decode/convert each split once into its uint8 cache."""
         for split in ("train", "test"):
-            if read_cache(self.cache_path(split), {"record_size": RECORD}):
+            if read_cache(self.cache_path(split), {"record_size": RECORD}, verify=self.verify):
                 continue
             images = self._oord_images(split) if self.format == "oord" else self._chrabaszcz_images(split)
             write_cache(self.cache_path(split), images, {"record_size": RECORD, "format": self.format})

@@ -188,3 +188,101 @@ def test_enwik8_zip_larger_than_its_known_size_is_refused_before_extracting(tmp_
     with pytest.raises(ArchiveTooLargeError, match="declare 50000 bytes, more than the allowed 20000"):
         dm.prepare_data()
     assert sorted(os.listdir(folder)) == [".lightning-sparse.lock", ".lightning-sparse.lock.holder", "enwik8.zip"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# caches know their content
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _corpus(tmp_path, data: bytes, **kwargs):
+    from lightning_sparse.datamodules import ByteCorpusDataModule
+
+    path = tmp_path / "corpus.txt"
+    if not path.exists() or path.read_bytes() != data:
+        path.write_bytes(data)
+    return path, ByteCorpusDataModule(paths=[str(path)], seq_len=16, batch_size=2, cache_dir=str(tmp_path / "c"),
+                                      **kwargs)
+
+
+def _caches(tmp_path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "c").glob("*.u8"))
+
+
+def test_same_size_rewrite_with_restored_mtime_rebuilds_the_cache(tmp_path, caplog):
+    path, dm = _corpus(tmp_path, b"a" * 3000)
+    dm.prepare_data()
+    st = path.stat()
+    path.write_bytes(b"b" * 3000)  # as `cp -p` / `rsync -t`: same size, the old mtime restored
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_mtime_ns == st.st_mtime_ns and path.stat().st_size == st.st_size
+    with caplog.at_level(logging.WARNING, logger="lightning_sparse"):
+        dm.prepare_data()
+    assert dm.cache_path().read_bytes() == b"b" * 3000
+    assert "changed content (same size)" in caplog.text
+    dm.setup("fit")
+    assert bytes(dm.train_set[0].numpy()) == b"b" * 17
+
+
+def test_touched_but_unchanged_source_keeps_its_cache(tmp_path):
+    path, dm = _corpus(tmp_path, b"x" * 3000)
+    dm.prepare_data()
+    built = dm.cache_path().stat().st_mtime_ns
+    os.utime(path, ns=(1, 1))  # new mtime, same bytes: the full hash decides the cache is current
+    dm.prepare_data()
+    assert dm.cache_path().stat().st_mtime_ns == built
+
+
+def test_same_size_cache_corruption_is_found_by_verify(tmp_path, caplog):
+    data = np.random.default_rng().integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    _, dm = _corpus(tmp_path, data)
+    dm.prepare_data()
+    cache = dm.cache_path()
+    with open(cache, "r+b") as f:  # one flipped byte, same size
+        f.seek(2500)
+        f.write(bytes([data[2500] ^ 0xFF]))
+    dm.prepare_data()
+    assert cache.read_bytes() != data  # the cheap check trusts the cache: this is what verify is for
+    _, checked = _corpus(tmp_path, data, verify=True)
+    with caplog.at_level(logging.WARNING, logger="lightning_sparse"):
+        checked.prepare_data()
+    assert cache.read_bytes() == data and "corrupted on disk" in caplog.text
+
+
+def test_record_cache_corruption_is_found_by_verify(tmp_path):
+    from data_fixtures import cifar_batch
+
+    folder = tmp_path / "cifar" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    images = np.random.default_rng().integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
+    for name in CIFAR_BATCHES:
+        (folder / name).write_bytes(cifar_batch(images, [0, 1], name))
+    kwargs = dict(data_dir=str(tmp_path / "cifar"), download=False, file_md5s={}, val_size=1)
+    dm = CIFAR10DataModule(**kwargs)
+    dm.prepare_data()
+    good = dm.cache_path("test").read_bytes()
+    dm.cache_path("test").write_bytes(bytes(len(good)))
+    CIFAR10DataModule(**kwargs, verify=True).prepare_data()
+    assert dm.cache_path("test").read_bytes() == good
+
+
+def test_old_cache_of_an_edited_corpus_is_removed(tmp_path):
+    path, dm = _corpus(tmp_path, b"one" * 1000)
+    dm.prepare_data()
+    first = _caches(tmp_path)
+    path.write_bytes(b"two" * 1500)
+    dm.prepare_data()
+    assert _caches(tmp_path) == first and dm.cache_path().read_bytes() == b"two" * 1500  # rebuilt in its place
+    assert sorted(p.name for p in (tmp_path / "c").iterdir() if not p.name.startswith(".lightning-sparse")) == [
+        first[0], first[0] + ".json"]  # no other cache or temporary file left
+
+
+def test_manifest_records_content_hashes(tmp_path):
+    import json
+
+    path, dm = _corpus(tmp_path, b"hash me" * 100)
+    dm.prepare_data()
+    manifest = json.loads(dm.cache_path().with_suffix(".u8.json").read_text())
+    expected = hashlib.blake2b(b"hash me" * 100, digest_size=20).hexdigest()
+    assert manifest["blake2b"] == expected and manifest["sources"][0]["blake2b"] == expected
+    assert manifest["sources"][0]["path"] == str(path.resolve()) and manifest["sources"][0]["size"] == 700
