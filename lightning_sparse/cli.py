@@ -203,6 +203,12 @@ class SparseCLI(LightningCLI):
     def _subcommand_config(self) -> Any:
         return self.config.get(self.subcommand) if self.subcommand else self.config
 
+    def before_instantiate_classes(self) -> None:
+        """A ``fast_dev_run`` smoke test writes no ``checkpoints/`` folder (ModelCheckpoint's save_last would)."""
+        config = self._subcommand_config()
+        if config.get("trainer", {}).get("fast_dev_run") and config.get("checkpoint") is not None:
+            config.checkpoint.save_last = False
+
     def instantiate_classes(self) -> None:
         """Build model, data and trainer; a failure becomes a :class:`CLIError` naming the config key."""
         try:
@@ -230,11 +236,12 @@ class SparseCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def _logger_beside_checkpoint(self, trainer_config: Any) -> Logger | None:
-        """For ``validate``/``test``/``predict`` of ``<run>/checkpoints/x.ckpt``: the configured TensorBoard or CSV
-        logger, writing to ``<run>/<subcommand>/`` instead of a new training-looking ``version_N`` folder."""
+        """For a command given ``--ckpt_path <run>/checkpoints/x.ckpt``, the configured TensorBoard or CSV logger
+        pointed at that run: ``fit`` (a resume) continues logging in ``<run>``; ``validate``/``test``/``predict`` log
+        into ``<run>/<subcommand>/`` instead of new training-looking ``version_N`` folders."""
         ckpt_path = self._subcommand_config().get("ckpt_path")
         logger = trainer_config.get("logger")
-        if self.subcommand in (None, "fit") or not isinstance(ckpt_path, str) or not ckpt_path.endswith(".ckpt"):
+        if self.subcommand is None or not isinstance(ckpt_path, str) or not ckpt_path.endswith(".ckpt"):
             return None
         if not isinstance(logger, (dict, Namespace)) or "class_path" not in logger:
             return None
@@ -245,7 +252,13 @@ class SparseCLI(LightningCLI):
         run = folder.parent if folder.name == "checkpoints" else folder
         init_args = logger.get("init_args") or {}
         init_args = init_args.as_dict() if isinstance(init_args, Namespace) else dict(init_args)
-        return cls(**{**init_args, "save_dir": str(run), "name": "", "version": self.subcommand})
+        if self.subcommand == "fit":
+            if folder.name != "checkpoints":  # not a run folder of these loggers: a fresh version
+                return None
+            place = {"save_dir": str(run.parent.parent), "name": run.parent.name, "version": run.name}
+        else:
+            place = {"save_dir": str(run), "name": "", "version": self.subcommand}
+        return cls(**{**init_args, **place})
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> SparseCLI:
@@ -270,7 +283,9 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> SparseCLI:
 def cli_main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-sparse`` console script: short error messages, exit status 2 for a bad
     value and 1 for a failed run; ``--debug`` (or ``LIGHTNING_SPARSE_DEBUG=1``) re-raises with the full traceback."""
-    argv = sys.argv if args is None else args  # sys.argv itself: LightningCLI warns when given both
+    if args is not None:
+        args = list(args)
+    argv = sys.argv if args is None else args  # edit sys.argv itself: LightningCLI warns when given both
     if "--debug" in argv:
         argv.remove("--debug")
         os.environ[DEBUG_ENV] = "1"  # also seen by DDP worker processes
