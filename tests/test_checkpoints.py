@@ -204,3 +204,32 @@ def test_last_checkpoint_is_written_on_ctrl_c_but_not_twice_at_one_step(tmp_path
     assert [s for s in saves if s[0] == "last.ckpt"] == [("last.ckpt", 2), ("last.ckpt", 4)]
     assert any(isinstance(c, LastCheckpointOnStop) for c in trainer.callbacks)
     assert any(isinstance(c, TimeLimitPerRun) for c in trainer.callbacks)
+
+
+def test_max_time_stop_leaves_room_for_the_final_validation(tmp_path, caplog):
+    class SlowValidationSeen(L.Callback):
+        """After the first validation, pretend it took longer than the time left of max_time."""
+
+        def on_train_batch_start(self, trainer, *args):
+            limit = next(c for c in trainer.callbacks if isinstance(c, TimeLimitPerRun))
+            if limit.last_validation_seconds:
+                limit.last_validation_seconds = 3600.0
+
+    validated = []
+
+    class Validations(L.Callback):
+        def on_validation_end(self, trainer, *args):
+            validated.append(trainer.global_step)
+
+    model = TextDensityModel(seq_len=16, n_layer=1, n_head=2, d_model=16, pattern=Fixed(4, 1), warmup_steps=0,
+                             sample_length=0)
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, monitor="val/bpd", save_last=True)
+    trainer = L.Trainer(accelerator="cpu", max_steps=20, max_time="00:00:30:00", val_check_interval=2,
+                        limit_val_batches=1, logger=False, callbacks=[SlowValidationSeen(), Validations(), checkpoint],
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    text = torch.randint(0, 256, (80, 17), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("INFO"):
+        trainer.fit(model, DataLoader(list(text), batch_size=4), DataLoader(list(text[:4]), batch_size=4))
+    assert trainer.global_step == 3 and validated == [2, 3]  # stopped one step later, then the final validation ran
+    assert "final validation takes about 3600 s" in caplog.text
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 3
