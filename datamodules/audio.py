@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,16 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import (
-    ByteDataModule,
-    RandomWindowSampler,
-    TailScoredWindows,
-    WindowDataset,
-    default_cache_dir,
-    ordered_map,
-    read_cache,
-    write_cache,
-)
+from .base import StreamDataModule
+from .store import SourceReader, default_cache_dir, ordered_map, read_cache, write_cache
 
 SPLITS = ("train", "val", "test")
 _CSV_SPLITS = {"train": "train", "validation": "val", "val": "val", "test": "test"}
@@ -37,21 +30,25 @@ def _audio_libs() -> tuple:
     return soundfile, taf
 
 
-def encode_file(path: str, sample_rate: int) -> np.ndarray:
-    """Read an audio file, mix to mono, resample to `sample_rate`, μ-law encode to uint8 (runs in a worker)."""
+def encode_file(path: str, sample_rate: int) -> tuple[np.ndarray, dict]:
+    """Read an audio file, mix to mono, resample to `sample_rate`, μ-law encode to uint8 (runs in a worker).
+
+    Returns the codes and the fingerprint of the file's bytes as decoded (for the cache manifest).
+    """
     soundfile, taf = _audio_libs()
+    reader = SourceReader()
     try:
-        samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
+        samples, rate = soundfile.read(io.BytesIO(reader.read(path)), dtype="float32", always_2d=True)
     except Exception as err:  # soundfile raises LibsndfileError/RuntimeError; name the file either way
         raise ValueError(f"cannot read audio file {path}: {err}") from err
     wave = torch.from_numpy(samples.mean(axis=1))
     if rate != sample_rate:
         wave = taf.resample(wave, orig_freq=rate, new_freq=sample_rate)
     codes = taf.mu_law_encoding(wave.clamp(-1.0, 1.0), quantization_channels=256)
-    return codes.to(torch.uint8).numpy()
+    return codes.to(torch.uint8).numpy(), reader.sources[0]
 
 
-class AudioDataModule(ByteDataModule):
+class AudioDataModule(StreamDataModule):
     """Raw audio as bytes: every file mixed to mono, resampled to `sample_rate` (12 kHz), 8-bit μ-law.
 
     The paper's classical-music set (Dieleman et al. 2018) is not public; MAESTRO v3 (piano, WAV 44.1-48 kHz;
@@ -63,7 +60,8 @@ class AudioDataModule(ByteDataModule):
     `split_csv` (columns `audio_filename` relative to `data_dir` and `split` in train/validation/test) or by a hash
     of each relative path: deterministic, independent of which other files exist, `val_fraction` and
     `test_fraction` of the files in expectation. Each split is cached once as a uint8 memmap in `cache_dir`
-    (name keyed on the files, their sizes and times, and the sample rate) with per-file offsets in its manifest.
+    (named after the folder, its files and the sample rate) with per-file offsets and fingerprints in its manifest;
+    an edited file rebuilds its split's cache in place (see `store.py`).
 
     Training: random crops of `seq_len + 1` bytes inside one file (`train_samples` per epoch, default one per
     `seq_len` bytes of training audio), uint8 [seq_len + 1] tensors. Validation/test: non-overlapping windows
@@ -77,6 +75,7 @@ class AudioDataModule(ByteDataModule):
         batch_size, num_workers, pin_memory: DataLoader settings.
         sample_rate: target rate in Hz.
         cache_dir: cache folder (default `~/.cache/lightning_sparse/audio`).
+        verify: hash the caches and every audio file in full before use (rebuilding what does not match).
         split_csv: optional CSV with `audio_filename` and `split` columns (MAESTRO's metadata file).
         val_fraction, test_fraction: expected fractions of files in val/test for the hash split.
         extensions: file suffixes to read.
@@ -93,6 +92,7 @@ class AudioDataModule(ByteDataModule):
         num_workers: int = 0,
         sample_rate: int = 12_000,
         cache_dir: str | None = None,
+        verify: bool = False,
         split_csv: str | None = None,
         val_fraction: float = 0.05,
         test_fraction: float = 0.05,
@@ -103,7 +103,7 @@ class AudioDataModule(ByteDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                         seed=seed)
+                         seed=seed, train_samples=train_samples)
         if sample_rate <= 0:
             raise ValueError(f"sample_rate={sample_rate} must be a positive number of Hz (the paper: 12000)")
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
@@ -112,11 +112,11 @@ class AudioDataModule(ByteDataModule):
         self.data_dir = Path(data_dir).expanduser()
         self.sample_rate = sample_rate
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "audio"
+        self.verify = verify
         self.split_csv = Path(split_csv).expanduser() if split_csv else None
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}"
                                 for e in (extensions or [".wav", ".flac", ".ogg"]))
-        self.train_samples = train_samples
         self.decode_workers = (os.cpu_count() or 1) if decode_workers is None else decode_workers
 
     def files(self) -> list[str]:
@@ -156,39 +156,43 @@ class AudioDataModule(ByteDataModule):
         return out
 
     def cache_path(self, split: str, names: list[str]) -> Path:
-        """Cache of one split, keyed on its files (path, size, mtime) and the sample rate."""
+        """Cache of one split, named after its folder, files and the sample rate (contents: in the manifest)."""
         key = hashlib.sha256(f"{self.data_dir.resolve()}\0{self.sample_rate}\n".encode())
         for name in names:
-            st = (self.data_dir / name).stat()
-            key.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            key.update(f"{name}\n".encode())
         return self.cache_dir / f"audio-{split}-{self.sample_rate}hz-{key.hexdigest()[:16]}.u8"
 
-    def _encoded(self, names: list[str], lengths: list[int]) -> Iterator[np.ndarray]:
+    def _encoded(self, names: list[str], lengths: list[int], sources: list[dict]) -> Iterator[np.ndarray]:
         from tqdm.auto import tqdm
 
-        paths = [str(self.data_dir / n) for n in names]
+        paths = [str((self.data_dir / n).resolve()) for n in names]
         encode = functools.partial(encode_file, sample_rate=self.sample_rate)
         with tqdm(total=len(paths), desc="encoding audio", unit="file") as bar:
-            for codes in ordered_map(encode, paths, self.decode_workers):
+            for codes, source in ordered_map(encode, paths, self.decode_workers):
                 lengths.append(len(codes))
+                sources.append(source)
                 bar.update()
                 yield codes
 
-    def prepare_data(self) -> None:
+    def prepare_folder(self) -> Path:
+        """The folder prepared (and locked meanwhile): `cache_dir`."""
+        return self.cache_dir
+
+    def prepare(self) -> None:
         """Encode each split once into its cache (uint8 μ-law stream + per-file offsets in the manifest)."""
         for split, names in self.split_of(self.files()).items():
             cache = self.cache_path(split, names)
-            if read_cache(cache, {"sample_rate": self.sample_rate, "files": names}):
+            if read_cache(cache, {"sample_rate": self.sample_rate, "files": names}, verify=self.verify):
                 continue
             lengths: list[int] = []
-            write_cache(cache, self._encoded(names, lengths),
-                        {"sample_rate": self.sample_rate, "files": names, "lengths": lengths})
+            sources: list[dict] = []
+            write_cache(cache, self._encoded(names, lengths, sources),
+                        {"sample_rate": self.sample_rate, "files": names, "lengths": lengths}, sources=sources)
 
     def setup(self, stage: str | None = None) -> None:
         """Open the three caches and build training crops and evaluation windows."""
         splits = self.split_of(self.files())
-        window = self.seq_len + 1
-        sets, totals = {}, {}
+        caches, files, lengths = {}, {}, {}
         for split, names in splits.items():
             cache = self.cache_path(split, names)
             manifest = read_cache(cache, {"sample_rate": self.sample_rate, "files": names})
@@ -196,18 +200,17 @@ class AudioDataModule(ByteDataModule):
                 self.prepare_data()
                 manifest = read_cache(cache, {"sample_rate": self.sample_rate, "files": names})
             ends = np.cumsum(manifest["lengths"], dtype=np.int64)
-            files = [(int(e - n), int(e)) for e, n in zip(ends, manifest["lengths"], strict=True)]
-            if split == "train":  # random crops inside one file
-                sets[split] = WindowDataset(cache, files, window, stride=1)
-            else:  # each file is its own context; every sample after a file's first is scored once
-                sets[split] = TailScoredWindows(cache, [(a, a, b) for a, b in files], self.seq_len, min_context=0,
-                                                pad_to_multiple=self.world_size)
-            totals[split] = int(manifest["nbytes"])
-            if len(sets[split]) == 0:
-                longest = max(manifest["lengths"]) / self.sample_rate
+            caches[split], lengths[split] = cache, manifest["lengths"]
+            files[split] = [(int(e - n), int(e)) for e, n in zip(ends, manifest["lengths"], strict=True)]
+        window = self.seq_len + 1
+        for split in SPLITS:
+            if max(lengths[split]) < window:
+                longest = max(lengths[split]) / self.sample_rate
                 raise ValueError(f"AudioDataModule: no {split} file holds one window of seq_len + 1 = {window} samples "
                                  f"({window / self.sample_rate:.1f} s at {self.sample_rate} Hz; longest file "
                                  f"{longest:.1f} s); use a smaller seq_len or longer files")
-        self.train_set, self.val_set, self.test_set = sets["train"], sets["val"], sets["test"]
-        samples = self.train_samples or max(1, totals["train"] // self.seq_len)
-        self.train_sampler = RandomWindowSampler(len(self.train_set), samples, seed=self.seed)
+        # Training crops lie inside one file; each evaluation file is its own context, every sample after its
+        # first scored once.
+        self.setup_streams(train=(caches["train"], files["train"]),
+                           val=(caches["val"], [(a, a, b) for a, b in files["val"]], 0),
+                           test=(caches["test"], [(a, a, b) for a, b in files["test"]], 0))

@@ -6,18 +6,10 @@ import glob
 import hashlib
 import os
 import sysconfig
-from collections.abc import Iterator
 from pathlib import Path
 
-from .base import (
-    ByteDataModule,
-    RandomWindowSampler,
-    TailScoredWindows,
-    WindowDataset,
-    default_cache_dir,
-    read_cache,
-    write_cache,
-)
+from .base import StreamDataModule
+from .store import SourceReader, default_cache_dir, read_cache, write_cache
 
 _GLOB_CHARS = set("*?[")
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -57,12 +49,13 @@ def resolve_paths(paths: list[str]) -> list[Path]:
     return list(out)
 
 
-class ByteCorpusDataModule(ByteDataModule):
+class ByteCorpusDataModule(StreamDataModule):
     """Bytes of the files you name, concatenated in order, as one stream split 90/5/5 (train/val/test).
 
     With `paths=None` the corpus is the `.py` files of the running Python's standard library (≈30 MB, sorted),
-    so it works offline anywhere. The concatenation is cached once as a uint8 file in `cache_dir` whose name
-    depends on the file list, sizes and modification times (a changed corpus gets a new cache). Training draws
+    so it works offline anywhere. The concatenation is cached once as a uint8 file in `cache_dir`, named after the
+    file list; its manifest fingerprints every file (see `store.py`), so an edited file, also one rewritten at the
+    same size with its mtime restored, rebuilds the cache in place of the old one. Training draws
     `train_samples` random crops of `seq_len + 1` bytes per epoch (default: train bytes // seq_len), uint8
     [seq_len + 1] tensors. Validation and test use non-overlapping windows given as (window uint8 [seq_len + 1],
     first_scored) pairs (see `TailScoredWindows`): every byte of the split is a target exactly once, also under
@@ -74,6 +67,7 @@ class ByteCorpusDataModule(ByteDataModule):
         batch_size: samples per batch.
         num_workers: DataLoader worker processes.
         cache_dir: folder of the cache (default `~/.cache/lightning_sparse/byte_corpus`).
+        verify: hash the cache and every corpus file in full before use (rebuilding what does not match).
         train_samples: random crops per training epoch (default train bytes // seq_len).
         val_fraction: fraction of the stream for validation (taken after the training part).
         test_fraction: fraction of the stream for test (the end of the stream).
@@ -88,6 +82,7 @@ class ByteCorpusDataModule(ByteDataModule):
         batch_size: int = 16,
         num_workers: int = 0,
         cache_dir: str | None = None,
+        verify: bool = False,
         train_samples: int | None = None,
         val_fraction: float = 0.05,
         test_fraction: float = 0.05,
@@ -95,7 +90,7 @@ class ByteCorpusDataModule(ByteDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                         seed=seed)
+                         seed=seed, train_samples=train_samples)
         if isinstance(paths, str):
             paths = [paths]
         if paths is not None and len(paths) == 0:
@@ -104,11 +99,9 @@ class ByteCorpusDataModule(ByteDataModule):
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in (0, 1) "
                              "with a sum below 1")
-        if train_samples is not None and train_samples <= 0:
-            raise ValueError(f"train_samples={train_samples} must be positive (or None for train bytes // seq_len)")
         self.paths = paths
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "byte_corpus"
-        self.train_samples = train_samples
+        self.verify = verify
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
 
     def files(self) -> list[Path]:
@@ -120,11 +113,10 @@ class ByteCorpusDataModule(ByteDataModule):
         return files
 
     def cache_path(self, files: list[Path] | None = None) -> Path:
-        """Cache file for the current corpus: keyed on every file's path, size and modification time."""
+        """Cache file of the current corpus, named after its file list (its content is in the manifest)."""
         key = hashlib.sha256()
         for f in files if files is not None else self.files():
-            st = f.stat()
-            key.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            key.update(f"{f}\n".encode())
         return self.cache_dir / f"corpus-{key.hexdigest()[:20]}.u8"
 
     def split_bounds(self, total: int) -> dict[str, tuple[int, int]]:
@@ -133,22 +125,24 @@ class ByteCorpusDataModule(ByteDataModule):
         n_train = total - n_val - n_test
         return {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, total)}
 
-    def prepare_data(self) -> None:
-        """Concatenate the corpus into the uint8 cache once (rebuilt when missing, incomplete or of another size)."""
+    def prepare_folder(self) -> Path:
+        """The folder prepared (and locked meanwhile): `cache_dir`."""
+        return self.cache_dir
+
+    def prepare(self) -> None:
+        """Concatenate the corpus into the uint8 cache once (rebuilt when missing, incomplete or out of date)."""
         files = self.files()
         cache = self.cache_path(files)
         total = sum(f.stat().st_size for f in files)
-        if read_cache(cache, {"nbytes": total}) is not None:
+        if read_cache(cache, {"nbytes": total}, verify=self.verify) is not None:
             return
         if total == 0:
             raise ValueError(f"ByteCorpusDataModule: the corpus ({len(files)} files, first {files[0]}) is empty; "
                              "name files that contain bytes")
 
-        def chunks() -> Iterator[bytes]:
-            for f in files:
-                yield f.read_bytes()
-
-        manifest = write_cache(cache, chunks(), {"files": len(files), "first": str(files[0])})
+        reader = SourceReader()
+        manifest = write_cache(cache, (reader.read(f) for f in files), {"files": len(files), "first": str(files[0])},
+                               sources=reader.sources)
         if manifest["nbytes"] != total:
             raise RuntimeError(f"ByteCorpusDataModule: corpus files changed while caching ({manifest['nbytes']} "
                                f"bytes read, {total} expected); run again")
@@ -174,13 +168,7 @@ class ByteCorpusDataModule(ByteDataModule):
                 f"larger corpus (at least ~{int(window / min(self.val_fraction, self.test_fraction)) + 1} bytes) "
                 "or a smaller seq_len"
             )
-        start, stop = bounds["train"]
-        self.train_set = WindowDataset(cache, [(start, stop)], window, stride=1)
-        samples = self.train_samples or max(1, (stop - start) // self.seq_len)
-        self.train_sampler = RandomWindowSampler(len(self.train_set), samples, seed=self.seed)
         # Non-overlapping evaluation windows that score each val/test byte once (context may reach into the
         # previous split), padded with windows scoring nothing so that DDP evaluation equals one process's.
-        pad = self.world_size
-        self.val_set = TailScoredWindows(cache, [(0, *bounds["val"])], self.seq_len, min_context=0, pad_to_multiple=pad)
-        self.test_set = TailScoredWindows(cache, [(0, *bounds["test"])], self.seq_len, min_context=0,
-                                          pad_to_multiple=pad)
+        self.setup_streams(train=(cache, [bounds["train"]]), val=(cache, [(0, *bounds["val"])], 0),
+                           test=(cache, [(0, *bounds["test"])], 0))

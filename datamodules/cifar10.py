@@ -7,16 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import (
-    ByteDataModule,
-    ensure_file,
-    load_pickle,
-    planar_to_interleaved,
-    read_cache,
-    safe_extract,
-    verify_file,
-    write_cache,
-)
+from .archive import safe_extract
+from .base import RecordDataModule
+from .decode import load_pickle, planar_to_interleaved
+from .fetch import ensure_file, verify_file
+from .store import read_cache, write_cache
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -33,7 +28,7 @@ TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 RECORD = 32 * 32 * 3
 
 
-class CIFAR10DataModule(ByteDataModule):
+class CIFAR10DataModule(RecordDataModule):
     """CIFAR-10 (python version) for unconditional density modeling; each sample is one image of 3,072 bytes.
 
     Byte order: raster order, R, G, B interleaved per pixel (the batches store R, G, B planes; they are
@@ -56,6 +51,8 @@ class CIFAR10DataModule(ByteDataModule):
         file_md5s: md5 per batch file (None skips the checks).
         val_size: images held out of the training batches for validation.
         split_seed: seed of the hold-out permutation (11172018 as the authors).
+        seed: seed of the training order (a permutation per epoch, seeded (seed, epoch)).
+        verify: hash the caches in full before use and rebuild one whose content differs from its manifest.
     """
 
     def __init__(
@@ -71,11 +68,15 @@ class CIFAR10DataModule(ByteDataModule):
         val_size: int = 2000,
         split_seed: int = 11172018,
         pin_memory: bool = False,
+        seed: int = 0,
+        verify: bool = False,
     ) -> None:
-        super().__init__(seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        super().__init__(seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                         seed=seed)
         if seq_len != RECORD:
             raise ValueError(f"seq_len={seq_len}, but a CIFAR-10 image is {RECORD} bytes (32x32x3); set seq_len: 3072")
         self.data_dir = Path(data_dir).expanduser()
+        self.verify = verify
         self.download, self.url, self.md5 = download, url, md5
         self.file_md5s = dict(CIFAR10_FILE_MD5S if file_md5s is None else file_md5s)
         self.val_size, self.split_seed = val_size, split_seed
@@ -107,9 +108,13 @@ class CIFAR10DataModule(ByteDataModule):
                              "N 'labels'); delete it and run again")
         return planar_to_interleaved(data, channels=3)
 
-    def prepare_data(self) -> None:
+    def prepare_folder(self) -> Path:
+        """The folder prepared (and locked meanwhile): `data_dir`."""
+        return self.data_dir
+
+    def prepare(self) -> None:
         """Build the train and test caches once (from the extracted batches or the archive)."""
-        if all(read_cache(self.cache_path(s), {"record_size": RECORD}) for s in ("train", "test")):
+        if all(read_cache(self.cache_path(s), {"record_size": RECORD}, verify=self.verify) for s in ("train", "test")):
             return
         folder = self._batches_folder()
 
@@ -126,4 +131,4 @@ class CIFAR10DataModule(ByteDataModule):
         Training items are records; validation/test items are (record, first_scored) pairs padded to a multiple of
         the world size with records that score nothing, so DDP bits/dim count every image once.
         """
-        self.setup_image_records(RECORD, self.val_size, self.split_seed)
+        self.setup_records(RECORD, self.val_size, self.split_seed)

@@ -4,20 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import (
-    ByteDataModule,
-    RandomWindowSampler,
-    TailScoredWindows,
-    WindowDataset,
-    ensure_file,
-    safe_extract,
-    verify_file,
-)
+from .archive import safe_extract
+from .base import StreamDataModule
+from .fetch import ensure_file, verify_file
 
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
 
 
-class Enwik8DataModule(ByteDataModule):
+class Enwik8DataModule(StreamDataModule):
     """Enwik8 as bytes: train [0, 90M), validation [90M, 95M), test [95M, 100M).
 
     `prepare_data` uses `data_dir/enwik8` when it is present and valid; otherwise it takes (or downloads)
@@ -68,7 +62,7 @@ class Enwik8DataModule(ByteDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                         seed=seed)
+                         seed=seed, train_samples=train_samples)
         self.test_min_context = max(0, seq_len - 128) if test_min_context is None else test_min_context
         for name, value in (("val_min_context", val_min_context), ("test_min_context", self.test_min_context)):
             if not 0 <= value < seq_len:
@@ -82,14 +76,17 @@ class Enwik8DataModule(ByteDataModule):
         self.size, self.checksums = size, {"md5": md5, "sha1": sha1}
         self.val_bytes, self.test_bytes = val_bytes, test_bytes
         self.val_min_context = val_min_context
-        self.train_samples = train_samples
 
     @property
     def path(self) -> Path:
         """The extracted enwik8 file."""
         return self.data_dir / "enwik8"
 
-    def prepare_data(self) -> None:
+    def prepare_folder(self) -> Path:
+        """The folder prepared (and locked meanwhile): `data_dir`."""
+        return self.data_dir
+
+    def prepare(self) -> None:
         """Verify `enwik8`, or get `enwik8.zip` (downloading it unless offline), extract and verify it."""
         if self.path.exists():
             verify_file(self.path, size=self.size, checksums=self.checksums)
@@ -99,7 +96,7 @@ class Enwik8DataModule(ByteDataModule):
                                   size=self.zip_size, checksums={"md5": self.zip_md5})
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{err}. Alternatively put the extracted file at {self.path}.") from None
-        safe_extract(archive, self.data_dir, members=["enwik8"])
+        safe_extract(archive, self.data_dir, members=["enwik8"], max_bytes=self.size)  # checked before writing
         verify_file(self.path, size=self.size, checksums=self.checksums)
 
     def setup(self, stage: str | None = None) -> None:
@@ -114,10 +111,7 @@ class Enwik8DataModule(ByteDataModule):
                              f"{self.test_bytes} the training split ({n_train}) is shorter than one window "
                              f"({window}); use a smaller seq_len or smaller splits")
         val_stop = n_train + self.val_bytes
-        self.train_set = WindowDataset(self.path, [(0, n_train)], window, stride=1)
-        samples = self.train_samples or max(1, n_train // self.seq_len)
-        self.train_sampler = RandomWindowSampler(len(self.train_set), samples, seed=self.seed)
-        pad = self.world_size
         # Context may reach back into the previous split (as the paper's sliding evaluation); nothing else leaks.
-        self.val_set = TailScoredWindows(self.path, [(0, n_train, val_stop)], self.seq_len, self.val_min_context, pad)
-        self.test_set = TailScoredWindows(self.path, [(0, val_stop, total)], self.seq_len, self.test_min_context, pad)
+        self.setup_streams(train=(self.path, [(0, n_train)]),
+                           val=(self.path, [(0, n_train, val_stop)], self.val_min_context),
+                           test=(self.path, [(0, val_stop, total)], self.test_min_context))

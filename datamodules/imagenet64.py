@@ -10,17 +10,11 @@ from typing import Literal
 
 import numpy as np
 
-from .base import (
-    ByteDataModule,
-    check_tar_members,
-    ensure_file,
-    load_pickle,
-    ordered_map,
-    planar_to_interleaved,
-    read_cache,
-    safe_extract,
-    write_cache,
-)
+from .archive import check_tar_members, safe_extract
+from .base import RecordDataModule
+from .decode import load_pickle, planar_to_interleaved
+from .fetch import ensure_file
+from .store import ordered_map, read_cache, write_cache
 
 SIDE = 64
 RECORD = SIDE * SIDE * 3
@@ -55,7 +49,7 @@ def _decode_pngs(items: list[tuple[str, bytes | None]]) -> np.ndarray:
     return out
 
 
-class ImageNet64DataModule(ByteDataModule):
+class ImageNet64DataModule(RecordDataModule):
     """ImageNet 64x64 for unconditional density modeling; each sample is one image of 12,288 bytes (HWC raster).
 
     `format="oord"` (the benchmark of the paper's 3.44 bits/dim): van den Oord et al.'s flat folders of PNGs,
@@ -83,6 +77,8 @@ class ImageNet64DataModule(ByteDataModule):
         val_size: training images held out for validation.
         split_seed: seed of the hold-out permutation.
         decode_workers: processes that decode PNGs (default: all CPUs; 0 decodes in this process).
+        seed: seed of the training order (a permutation per epoch, seeded (seed, epoch)).
+        verify: hash the caches in full before use and rebuild one whose content differs from its manifest.
     """
 
     def __init__(
@@ -99,8 +95,11 @@ class ImageNet64DataModule(ByteDataModule):
         split_seed: int = 0,
         decode_workers: int | None = None,
         pin_memory: bool = False,
+        seed: int = 0,
+        verify: bool = False,
     ) -> None:
-        super().__init__(seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        super().__init__(seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                         seed=seed)
         if format not in ("oord", "chrabaszcz"):
             raise ValueError(f"format={format!r}: use 'oord' (van den Oord PNG folders, the paper's benchmark) or "
                              "'chrabaszcz' (Chrabaszcz et al. batches)")
@@ -109,6 +108,7 @@ class ImageNet64DataModule(ByteDataModule):
         if decode_workers is not None and decode_workers < 0:
             raise ValueError(f"decode_workers={decode_workers} must be >= 0 (0 = decode in this process)")
         self.data_dir = Path(data_dir).expanduser()
+        self.verify = verify
         self.format = format
         self.download, self.urls, self.md5s = download, dict(urls or {}), dict(md5s or {})
         self.val_size, self.split_seed = val_size, split_seed
@@ -214,10 +214,14 @@ class ImageNet64DataModule(ByteDataModule):
 
     # ---- hooks -------------------------------------------------------------------------------------------------
 
-    def prepare_data(self) -> None:
+    def prepare_folder(self) -> Path:
+        """The folder prepared (and locked meanwhile): `data_dir`."""
+        return self.data_dir
+
+    def prepare(self) -> None:
         """Decode/convert each split once into its uint8 cache."""
         for split in ("train", "test"):
-            if read_cache(self.cache_path(split), {"record_size": RECORD}):
+            if read_cache(self.cache_path(split), {"record_size": RECORD}, verify=self.verify):
                 continue
             images = self._oord_images(split) if self.format == "oord" else self._chrabaszcz_images(split)
             write_cache(self.cache_path(split), images, {"record_size": RECORD, "format": self.format})
@@ -228,5 +232,5 @@ class ImageNet64DataModule(ByteDataModule):
         Training items are records; validation/test items are (record, first_scored) pairs padded to a multiple of
         the world size with records that score nothing, so DDP bits/dim count every image once.
         """
-        self.setup_image_records(RECORD, self.val_size, self.split_seed)
+        self.setup_records(RECORD, self.val_size, self.split_seed)
 

@@ -1,7 +1,8 @@
 """Small dataset files in the exact on-disk formats of the real releases, and a local HTTP server to download them.
 
 - `FileServer`: serves registered bytes on 127.0.0.1 with HTTP Range support; `cut_next(name, after)` makes the
-  next response for `name` stop after `after` bytes (an interrupted download); it records every request.
+  next response for `name` stop after `after` bytes (an interrupted download); `delay` seconds pass before each
+  response (a slow server, so concurrent clients overlap); it records every request.
 - `py2_pickle_dumps`: a protocol-2 pickle written the way Python 2's cPickle wrote CIFAR-10 (str as BINSTRING,
   numpy arrays through numpy.core.multiarray._reconstruct), so `pickle.load(f, encoding="bytes")` gives bytes keys.
 - makers for enwik8.zip, cifar-10-python.tar.gz, the van den Oord ImageNet 64x64 PNG folders/tars, the Chrabaszcz
@@ -16,6 +17,7 @@ import pickle
 import struct
 import tarfile
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -25,8 +27,9 @@ import numpy as np
 class FileServer:
     """A threaded HTTP server on 127.0.0.1 serving in-memory files, with Range requests and cut-short responses."""
 
-    def __init__(self, support_range: bool = True) -> None:
+    def __init__(self, support_range: bool = True, delay: float = 0.0) -> None:
         self.files: dict[str, bytes] = {}
+        self.delay = delay
         self.cuts: dict[str, int] = {}
         self.requests: list[tuple[str, str | None]] = []
         self.support_range = support_range
@@ -40,6 +43,7 @@ class FileServer:
                 name = self.path.lstrip("/")
                 rng = self.headers.get("Range")
                 server.requests.append((name, rng))
+                time.sleep(server.delay)
                 if name not in server.files:
                     self.send_error(404)
                     return

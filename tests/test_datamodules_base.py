@@ -16,6 +16,7 @@ import torch
 from data_fixtures import FileServer, evil_pickle_bytes, py2_pickle_dumps, tar_bytes, zip_bytes
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 
+from lightning_sparse.atomic import atomic_write
 from lightning_sparse.datamodules import (
     ChecksumError,
     DownloadError,
@@ -23,7 +24,6 @@ from lightning_sparse.datamodules import (
     TailScoredWindows,
     UnsafeArchiveError,
     WindowDataset,
-    atomic_write,
     download_url,
     ensure_file,
     holdout_split,

@@ -93,7 +93,7 @@ def test_loader_with_two_workers(tmp_path):
     assert bytes(windows[0].numpy()) == stream[18_999:19_100] and int(first[0]) == 0  # context: the last val byte
 
 
-def test_changed_corpus_gets_a_new_cache(tmp_path):
+def test_changed_corpus_replaces_its_cache(tmp_path):
     paths, _ = _write_files(tmp_path / "d", [5000])
     dm = ByteCorpusDataModule(paths=[str(paths[0])], seq_len=16, batch_size=2, cache_dir=str(tmp_path / "c"))
     dm.prepare_data()
@@ -101,7 +101,8 @@ def test_changed_corpus_gets_a_new_cache(tmp_path):
     paths[0].write_bytes(b"x" * 6000)
     os.utime(paths[0], ns=(1, 1))
     dm.prepare_data()
-    assert dm.cache_path() != first and dm.cache_path().read_bytes() == b"x" * 6000
+    assert dm.cache_path() == first and first.read_bytes() == b"x" * 6000
+    assert sorted(p.name for p in (tmp_path / "c").glob("*.u8")) == [first.name]  # the old content is gone
 
 
 def test_errors_are_clear(tmp_path):
