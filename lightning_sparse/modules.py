@@ -12,8 +12,11 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_sparse import kernels
+from lightning_sparse.callbacks import safety_callbacks
 from lightning_sparse.kernels import Dense, Interleaved, Pattern
 from lightning_sparse.metrics import BitsPerDim
 from lightning_sparse.model import (
@@ -149,12 +152,19 @@ class DensityModel(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if not lr > 0:
-            raise ValueError(f"{type(self).__name__}: lr must be > 0, got {lr!r}; the paper uses 3.5e-4 on CIFAR-10.")
-        if not weight_decay >= 0:
-            raise ValueError(f"{type(self).__name__}: weight_decay must be >= 0, got {weight_decay!r}.")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"{type(self).__name__}: betas must be two numbers in [0, 1), got {betas!r}.")
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ValueError(
+                f"{type(self).__name__}: lr must be a finite number > 0, got {lr!r}; the paper uses 3.5e-4 on CIFAR-10."
+            )
+        if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(
+                f"{type(self).__name__}: weight_decay must be a finite number >= 0, got {weight_decay!r}; the paper "
+                "uses 0.01."
+            )
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+            raise ValueError(
+                f"{type(self).__name__}: betas must be two numbers in [0, 1), got {betas!r}; e.g. [0.9, 0.999]."
+            )
         for name, value, low in (
             ("warmup_steps", warmup_steps, 0),
             ("sample_length", sample_length, 0),
@@ -346,6 +356,11 @@ class DensityModel(L.LightningModule):
         # one fused multi-tensor kernel per step when every parameter is a CUDA floating tensor
         fused = all(p.is_cuda and p.is_floating_point() for p in params) or None
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas, fused=fused)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(*self._schedule_steps(warn=True)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _schedule_steps(self, warn: bool = False) -> tuple[int, int]:
+        """``(warmup, total)`` optimizer steps of the schedule for the run the Trainer is set up for now."""
         total = self.decay_steps
         if total is None:
             total = self.trainer.estimated_stepping_batches
@@ -354,10 +369,39 @@ class DensityModel(L.LightningModule):
                     "The cosine schedule needs a finite run length: set trainer.max_steps (or max_epochs), or "
                     "model.decay_steps."
                 )
-            if total <= self.warmup_steps:
-                raise ValueError(
-                    f"warmup_steps={self.warmup_steps} is not shorter than the whole run ({int(total)} "
-                    "optimizer steps): lower model.warmup_steps or train longer."
+        total, warmup = int(total), self.warmup_steps
+        if warmup >= total:  # e.g. fast_dev_run (1 step) or a short trial run of a paper config
+            warmup = total // 10
+            if warn:
+                rank_zero_warn(
+                    f"warmup_steps={self.warmup_steps} is not shorter than the whole run ({total} optimizer steps): "
+                    f"warming up over the first tenth ({warmup} steps) instead. Set model.warmup_steps below the run "
+                    "length to choose it."
                 )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(self.warmup_steps, int(total)))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return warmup, total
+
+    def on_train_start(self) -> None:
+        """Refit the schedule to this run: a checkpoint restores the schedule of the run that wrote it, so a run
+        resumed with a larger ``max_steps`` (or ``max_epochs``) would otherwise train its new steps at lr 0."""
+        warmup, total = self._schedule_steps()
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            lambdas = getattr(scheduler, "lr_lambdas", [])
+            stale = [f for f in lambdas if isinstance(f, WarmupCosine) and (f.warmup_steps, f.total_steps) != (warmup, total)]
+            if not stale:
+                continue
+            rank_zero_info(
+                f"Resuming at step {self.global_step}: the learning-rate schedule now spans {total} optimizer steps "
+                f"({warmup} warmup), the checkpoint's spanned {stale[0].total_steps} ({stale[0].warmup_steps} warmup)."
+            )
+            for f in stale:
+                f.warmup_steps, f.total_steps = warmup, total
+            # The optimizer's restored lr came from the old schedule: set the one of the next step.
+            for group, base, f in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, lambdas, strict=True):
+                group["lr"] = base * f(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+    def configure_callbacks(self) -> list[Callback]:
+        """The training-safety callbacks (:mod:`lightning_sparse.callbacks`) that the Trainer does not have yet."""
+        have = {type(c) for c in self.trainer.callbacks}
+        return [c for c in safety_callbacks() if type(c) not in have]

@@ -164,10 +164,10 @@ def test_fit_validate_test_predict_end_to_end(tmp_path):
 
     # The checkpoint restores the model (hyperparameters from the checkpoint) and gives the same val bpd.
     cli_main(["validate", "--config", str(config), "--ckpt_path", str(best)])
-    ((_, reloaded),) = scalars(tmp_path / "runs" / "e2e" / "version_1", "val/bpd")
+    ((_, reloaded),) = scalars(log_dir / "validate", "val/bpd")  # logged beside the run that wrote the checkpoint
     assert reloaded == pytest.approx(val_bpd, rel=1e-6)
     cli_main(["test", "--config", str(config), "--ckpt_path", str(best)])
-    ((_, test_bpd),) = scalars(tmp_path / "runs" / "e2e" / "version_2", "test/bpd")
+    ((_, test_bpd),) = scalars(log_dir / "test", "test/bpd")
     assert 0 < test_bpd < 8.0
     cli = build_cli(["--config", str(config)], run=False)
     loaded = TextDensityModel.load_from_checkpoint(best)  # hparams saved by the CLI as config dicts

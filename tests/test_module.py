@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 from types import SimpleNamespace
 
 import lightning as L
@@ -10,10 +11,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
+from lightning_sparse.callbacks import DivergedError
 from lightning_sparse.kernels import Fixed
 from lightning_sparse.metrics import BitsPerDim
 from lightning_sparse.model import START
@@ -195,19 +198,60 @@ def test_schedule_length_comes_from_the_trainer_and_must_be_finite():
     model._trainer = SimpleNamespace(estimated_stepping_batches=float("inf"))
     with pytest.raises(ValueError, match="max_steps"):
         model.configure_optimizers()
-    model._trainer = SimpleNamespace(estimated_stepping_batches=8)
-    with pytest.raises(ValueError, match="warmup_steps=10"):
-        model.configure_optimizers()
     model._trainer = SimpleNamespace(estimated_stepping_batches=40)
     assert model.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0].total_steps == 40
+
+
+def test_warmup_longer_than_the_run_is_shortened_with_a_warning():
+    model = make(warmup_steps=10)
+    model.configure_model()
+    model._trainer = SimpleNamespace(estimated_stepping_batches=8)
+    with pytest.warns(UserWarning, match=r"warmup_steps=10 is not shorter than the whole run \(8 optimizer steps\)"):
+        schedule = model.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0]
+    assert (schedule.warmup_steps, schedule.total_steps) == (0, 8)  # the first tenth of 8 steps
+    model._trainer = SimpleNamespace(estimated_stepping_batches=1)  # fast_dev_run: one step at the full lr
+    assert WarmupCosine(*model._schedule_steps())(0) == 1.0
+
+
+def test_a_diverging_run_stops_with_the_step_and_keeps_the_good_checkpoints(tmp_path):
+    L.seed_everything(0)
+    model = make(lr=1e3, warmup_steps=0, decay_steps=100)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/bpd", save_last=True)
+    # val_check_interval=2: with 1, Lightning's ModelCheckpoint would save at epoch ends only
+    t = trainer(tmp_path, max_steps=40, val_check_interval=2, limit_val_batches=1, enable_checkpointing=True,
+                callbacks=[checkpoint])
+    train = DataLoader(text_windows(160, seed=1), batch_size=4)
+    with pytest.raises(DivergedError) as error:
+        t.fit(model, train, DataLoader(text_windows(4, seed=2), batch_size=4))
+    message = str(error.value)
+    assert "diverged" in message and "lower learning rate (model.lr = 1000)" in message
+    assert "gradient clipping (trainer.gradient_clip_val=1.0, now off)" in message
+    step = int(re.search(r"step (\d+)", message).group(1))
+    assert 0 < step < 40 and t.global_step == step
+    saved = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    assert saved, "the good steps before the divergence were checkpointed"
+    for path in saved:  # no checkpoint holds a non-finite weight, last.ckpt included
+        state = torch.load(path, weights_only=True)
+        assert state["global_step"] < step
+        assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))  # non-finite weights are never written, whatever the caller
+    with pytest.raises(DivergedError, match="weights are NaN or infinite"):
+        t.save_checkpoint(tmp_path / "ckpt" / "manual.ckpt")
+    assert not (tmp_path / "ckpt" / "manual.ckpt").exists()
 
 
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (dict(lr=0.0), "lr must be > 0"),
+        (dict(lr=0.0), "lr must be a finite number > 0"),
+        (dict(lr=float("inf")), "lr must be a finite number > 0, got inf"),
+        (dict(lr=float("nan")), "lr must be a finite number > 0, got nan"),
         (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(weight_decay=float("inf")), "weight_decay must be a finite number >= 0"),
         (dict(betas=(0.9, 1.0)), "betas"),
+        (dict(betas=(float("nan"), 0.9)), "betas must be two numbers in"),
+        (dict(betas=(0.9, float("-inf"))), "betas must be two numbers in"),
         (dict(warmup_steps=-1), "warmup_steps"),
         (dict(decay_steps=2, warmup_steps=2), "decay_steps"),
         (dict(sample_length=-1), "sample_length"),
