@@ -2,6 +2,7 @@
 
     lightning-sparse fit --config configs/quickstart.yaml
     lightning-sparse fit --config configs/quickstart.yaml --print_config
+    lightning-sparse sample --ckpt_path runs/quickstart/version_0/checkpoints/last.ckpt --prompt "def "
 
 Model and data are chosen by ``class_path`` (subclass mode). ``seq_len`` is set once, on the data, and linked to the
 model. A ModelCheckpoint on ``val/bpd`` (under ``checkpoint``) and a LearningRateMonitor (under ``lr_monitor``) are
@@ -10,6 +11,8 @@ placeholder.
 """
 
 from __future__ import annotations
+
+import sys
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -61,7 +64,25 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> SparseCLI:
 
 def cli_main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-sparse`` console script (returns None, which the script passes to sys.exit)."""
+    if sample_requested(args):
+        return run_sample_command(args)
     build_cli(args)
+
+
+# ----- `lightning-sparse sample`: a separate argparse command (lightning_sparse.sample_cli), not a Trainer method -----
+
+
+def sample_requested(args: list[str] | None) -> bool:
+    """True when the command line (``args``, default ``sys.argv[1:]``) starts with the ``sample`` subcommand."""
+    argv = sys.argv[1:] if args is None else args
+    return argv[:1] == ["sample"]
+
+
+def run_sample_command(args: list[str] | None) -> None:
+    """``lightning-sparse sample ...``: generate files from a checkpoint (see ``lightning_sparse.sample_cli``)."""
+    from lightning_sparse.sample_cli import sample_main
+
+    sample_main((sys.argv[1:] if args is None else args)[1:])
 
 
 if __name__ == "__main__":

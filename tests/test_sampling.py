@@ -38,6 +38,15 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 in_child = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 child process")
 in_parent = pytest.mark.skipif(INTERPRET, reason="runs in the parent process, without the interpreter")
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Decoding runs many tiny ops: on a shared, oversubscribed CI machine intra-op threads only add barrier waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 PATTERNS = {
     "dense": Dense(),
     "local": Local(5),
