@@ -82,7 +82,7 @@ class LayerCache:
         if self.backend == "triton":
             from lightning_sparse.kernels.decode_triton import triton_decode_attention
 
-            return triton_decode_attention(q.contiguous(), self.k, self.v, self.table, self.owner.position, scale)
+            return triton_decode_attention(q, self.k, self.v, self.table, self.owner.position, scale)
         return decode_attention(q, self.k, self.v, self.table, self.owner.position, scale)
 
 
