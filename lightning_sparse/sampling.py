@@ -11,7 +11,6 @@ recomputes a full forward pass over a ``seq_len`` window, O(length · forward). 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +50,10 @@ class _GraphStep:
 
     Static buffers: the input ids ``[batch, 1]`` and the logits ``[batch, 256]``. Two eager warm-up steps on a
     side stream compile the kernels (they write keys at the current and the next position, which the real steps
-    overwrite before any query reads them) and the position is restored before capture.
+    overwrite before any query reads them) and the position is restored before capture. Under the caller's
+    autocast the warm-up also fills autocast's cache of low-precision weights, so the graph reads those instead of
+    casting every weight at every step; they stay alive while the graph is replayed, because autocast clears its
+    cache only when the outermost autocast region exits, after ``sample`` returns.
     """
 
     def __init__(self, model: SparseTransformer, cache: KVCache, ids: torch.Tensor) -> None:
@@ -75,13 +77,6 @@ class _GraphStep:
         return self.logits
 
 
-def _graph_autocast(device: torch.device):
-    """The caller's CUDA autocast without its weight-cast cache, which a captured graph must not rely on."""
-    if device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-        return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
-    return nullcontext()
-
-
 def _sample_cached(model, ids, length, temperature, generator, progress, cuda_graph) -> torch.Tensor:
     batch, p = ids.shape
     cache = KVCache(model, batch, length=p + length - 1)
@@ -91,12 +86,11 @@ def _sample_cached(model, ids, length, temperature, generator, progress, cuda_gr
     progress(1)
     if length == 1:
         return out
-    with _graph_autocast(ids.device):
-        step = _GraphStep(model, cache, token) if cuda_graph else (lambda x: model(x, cache=cache)[:, -1])
-        for i in range(1, length):
-            token = _draw(step(token), temperature, generator)
-            out[:, i : i + 1] = token
-            progress(1)
+    step = _GraphStep(model, cache, token) if cuda_graph else (lambda x: model(x, cache=cache)[:, -1])
+    for i in range(1, length):
+        token = _draw(step(token), temperature, generator)
+        out[:, i : i + 1] = token
+        progress(1)
     return out
 
 

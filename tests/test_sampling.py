@@ -304,3 +304,21 @@ def test_triton_decode_matches_the_pytorch_decode(case, dtype):
         assert out.shape == (b, heads, 1, d_v) and out.dtype == dtype
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+@in_parent
+def test_cached_sampling_on_the_cpu_needs_no_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from lightning_sparse.kernels import Strided\n"
+        "from lightning_sparse.model import SparseTransformer, SparseTransformerConfig\n"
+        "from lightning_sparse.sampling import sample\n"
+        "cfg = SparseTransformerConfig(seq_len=32, n_layer=1, n_head=2, d_model=16, pattern=Strided(8))\n"
+        "out = sample(SparseTransformer(cfg), torch.zeros(2, 3, dtype=torch.long), 20)\n"
+        "print('sampled', tuple(out.shape))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "sampled (2, 20)" in res.stdout
