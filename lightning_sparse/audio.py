@@ -1,4 +1,4 @@
-"""``AudioDensityModel``: a Sparse Transformer over 8-bit μ-law audio that logs listenable clips to TensorBoard."""
+"""``AudioDensityModel``: a Sparse Transformer over 8-bit μ-law audio; ``mu_law_decode`` makes its bytes listenable."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import math
 from typing import Any
 
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_sparse.kernels import Interleaved, Pattern, Strided
 from lightning_sparse.modules import DensityModel
@@ -35,24 +34,18 @@ def sqrt_stride(seq_len: int) -> int:
 class AudioDensityModel(DensityModel):
     """A Sparse Transformer over raw audio as 8-bit μ-law bytes (stream data, no start token) [P §7.4].
 
-    Positions are embedded like text: (row, column) of a matrix whose width is the attention stride [P §5.3]. At
-    the end of every validation (not the sanity check) it generates ``sample_length`` samples (temperature 1.0) on
-    every rank, continuing the first ``sample_prompt_length`` samples of the validation data, and global rank 0
-    logs two μ-law-decoded clips with ``add_audio`` at ``sample_rate``: ``samples/audio`` (the generated samples)
-    and ``samples/audio_with_prompt`` (the real prompt followed by them). Each generated sample costs one full
-    forward pass, so keep ``sample_length`` short for long contexts.
+    Positions are embedded like text: (row, column) of a matrix whose width is the attention stride [P §5.3].
+    Clips during training: add ``lightning_sparse.sample_logging.AudioSampleLogger`` to the Trainer's callbacks;
+    they are written at ``sample_rate``.
 
     Args:
         seq_len: Samples per sequence (the paper: 65,536, 262,144 or 1,048,576). The CLI links it from
             ``data.seq_len``.
         pattern: Attention pattern; None = ``Strided(l)`` with ``l`` the divisor of seq_len closest to √seq_len
             (256 for 65,536), the paper's rule.
-        sample_rate: Sampling rate of the data in Hz (the paper: 12,000); clips are logged at this rate. It must
+        sample_rate: Sampling rate of the data in Hz (the paper: 12,000); samples are written at this rate. It must
             match the data module's ``sample_rate`` when that has one.
-        sample_length: Samples generated at the end of each validation (0 = no clips); 2,400 = 0.2 s at 12 kHz.
-        sample_prompt_length: Real validation samples the generated clip continues (12,000 = 1 s at 12 kHz).
-        **kwargs: Every other :class:`~lightning_sparse.modules.DensityModel` argument, e.g.
-            ``sample_every_n_epochs`` (generate clips only after validations in every n-th epoch).
+        **kwargs: Every other :class:`~lightning_sparse.modules.DensityModel` argument.
     """
 
     def __init__(
@@ -61,8 +54,6 @@ class AudioDensityModel(DensityModel):
         seq_len: int = 65_536,
         pattern: Pattern | Interleaved | None = None,
         sample_rate: int = 12_000,
-        sample_length: int = 2_400,
-        sample_prompt_length: int = 12_000,
         **kwargs: Any,
     ) -> None:
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
@@ -74,13 +65,7 @@ class AudioDensityModel(DensityModel):
             )
         if pattern is None:  # resolved here so that the saved hyperparameters hold the real pattern
             pattern = Strided(sqrt_stride(seq_len))
-        super().__init__(
-            seq_len=seq_len,
-            pattern=pattern,
-            sample_length=sample_length,
-            sample_prompt_length=sample_prompt_length,
-            **kwargs,
-        )
+        super().__init__(seq_len=seq_len, pattern=pattern, **kwargs)
         # Settings as attributes, as the base class does: under LightningCLI self.hparams is the parsed config.
         self.sample_rate = sample_rate
 
@@ -93,15 +78,3 @@ class AudioDensityModel(DensityModel):
                 f"AudioDensityModel: model.sample_rate={self.sample_rate} but the data module's sample_rate="
                 f"{data_rate}; set both to the same rate (the paper: 12000) so logged clips play at the right speed."
             )
-
-    def log_samples(self, prompt: torch.Tensor, sample: torch.Tensor) -> None:
-        """Log the generated clip and prompt + clip, μ-law decoded to [-1, 1], to every TensorBoard logger."""
-        clips = {
-            "samples/audio": mu_law_decode(sample),
-            "samples/audio_with_prompt": mu_law_decode(torch.cat([prompt, sample])),
-        }
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                for tag, wave in clips.items():
-                    logger.experiment.add_audio(tag, wave.reshape(1, -1), global_step=self.global_step,
-                                                sample_rate=self.sample_rate)

@@ -4,6 +4,7 @@
     lightning-sparse fit --config configs/quickstart.yaml --print_config
     lightning-sparse fit --model.help TextDensityModel
     lightning-sparse --version
+    lightning-sparse sample --ckpt_path runs/quickstart/version_0/checkpoints/last.ckpt --prompt "def "
 
 Model and data are chosen by ``class_path`` (subclass mode; the project's modules are imported, so short names such as
 ``TextDensityModel`` work). ``seq_len`` is set once, on the data, and linked to the model. A ModelCheckpoint on
@@ -283,6 +284,8 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> SparseCLI:
 def cli_main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-sparse`` console script: short error messages, exit status 2 for a bad
     value and 1 for a failed run; ``--debug`` (or ``LIGHTNING_SPARSE_DEBUG=1``) re-raises with the full traceback."""
+    if sample_requested(args):
+        return run_sample_command(args)
     if args is not None:
         args = list(args)
     argv = sys.argv if args is None else args  # edit sys.argv itself: LightningCLI warns when given both
@@ -298,6 +301,22 @@ def cli_main(args: list[str] | None = None) -> None:
         message = error if bad_value else f"{type(_innermost(error)).__name__}: {_innermost(error)}"
         print(f"error: {message}\n(add --debug or set {DEBUG_ENV}=1 for the full traceback)", file=sys.stderr)
         raise SystemExit(2 if bad_value else 1) from None
+
+
+# ----- `lightning-sparse sample`: a separate argparse command (lightning_sparse.sample_cli), not a Trainer method -----
+
+
+def sample_requested(args: list[str] | None) -> bool:
+    """True when the command line (``args``, default ``sys.argv[1:]``) starts with the ``sample`` subcommand."""
+    argv = sys.argv[1:] if args is None else args
+    return argv[:1] == ["sample"]
+
+
+def run_sample_command(args: list[str] | None) -> None:
+    """``lightning-sparse sample ...``: generate files from a checkpoint (see ``lightning_sparse.sample_cli``)."""
+    from lightning_sparse.sample_cli import sample_main
+
+    sample_main((sys.argv[1:] if args is None else args)[1:])
 
 
 if __name__ == "__main__":

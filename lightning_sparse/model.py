@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_sparse.kernels import BACKENDS, Dense, Interleaved, Pattern, sparse_attention
+
+if TYPE_CHECKING:  # the KV cache of incremental decoding (lightning_sparse.kv_cache), optional in every forward
+    from lightning_sparse.kv_cache import KVCache, LayerCache
 
 __all__ = [
     "VOCAB_SIZE",
@@ -233,6 +237,14 @@ class PositionEmbedding(nn.Module):
             total = total + table.view(view)  # broadcasts to [*shape, d_model]
         return total.reshape(-1, total.shape[-1])[:n]
 
+    def at(self, position: torch.Tensor) -> torch.Tensor:
+        """Embeddings of the positions in the int64 tensor ``position`` (``[m]`` → ``[m, d_model]``), on-device."""
+        total, inner = 0, 1
+        for size, table in reversed(list(zip(self.shape, self.tables(), strict=True))):
+            total = total + table[(position // inner) % size]  # the row-major coordinate of this axis
+            inner *= size
+        return total
+
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """GELU approximation ``x·sigmoid(1.702x)`` [P §5.2; DA 'quick_gelu']."""
@@ -262,10 +274,15 @@ class SparseSelfAttention(nn.Module):
         self.qkv = Linear(config.d_model, 2 * self.d_qk + self.d_v, std=std)
         self.proj = Linear(config.d_model, config.d_model, std=std / math.sqrt(2 * config.n_layer))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv(x).split([self.d_qk, self.d_qk, self.d_v], dim=-1)
         q, k, v = (t.view(b, n, self.n_head, -1).transpose(1, 2) for t in (q, k, v))  # [b, h, n, head]
+        if cache is not None:  # incremental decoding: keep k, v; one new position attends through the cache
+            cache.store(k, v)
+            if cache.decoding:
+                y = cache.attend(q, scale=1.0 / math.sqrt(q.shape[-1]))
+                return self.proj(y.transpose(1, 2).reshape(b, n, self.d_v))
         y = sparse_attention(q, k, v, self.pattern, scale=1.0 / math.sqrt(q.shape[-1]), backend=self.backend)
         y = y.transpose(1, 2).reshape(b, n, self.d_v)
         return self.proj(y)
@@ -303,19 +320,20 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.recompute = config.recompute
 
-    def attention_branch(self, h: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.attn(self.norm_attn(h)))
+    def attention_branch(self, h: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = self.norm_attn(h)
+        return self.drop(self.attn(x) if cache is None else self.attn(x, cache))
 
     def feed_forward_branch(self, h: torch.Tensor) -> torch.Tensor:
         return self.drop(self.ff(self.norm_ff(h)))
 
-    def _run(self, branch, h: torch.Tensor) -> torch.Tensor:
+    def _run(self, branch, h: torch.Tensor, *args) -> torch.Tensor:
         if self.recompute and torch.is_grad_enabled():
-            return checkpoint(branch, h, use_reentrant=False)
-        return branch(h)
+            return checkpoint(branch, h, *args, use_reentrant=False)
+        return branch(h, *args)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        a = self._run(self.attention_branch, h)
+    def forward(self, h: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        a = self._run(self.attention_branch, h, cache)
         b = self._run(self.feed_forward_branch, h + a)
         return h + a + b
 
@@ -350,7 +368,9 @@ class SparseTransformer(nn.Module):
             if module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits ``[batch, n, 256]``. With a ``cache`` (see :mod:`lightning_sparse.kv_cache`) a fresh cache is
+        filled by this normal forward pass (the prompt), and a decoding cache takes one position ``[batch, 1]``."""
         if idx.dim() != 2 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
             raise ValueError(
                 f"SparseTransformer: input must be integer ids [batch, n], got {idx.dtype} {tuple(idx.shape)}."
@@ -358,9 +378,12 @@ class SparseTransformer(nn.Module):
         n = idx.shape[1]
         if not 0 < n <= self.config.seq_len:
             raise ValueError(f"SparseTransformer: input length {n} must be in [1, seq_len={self.config.seq_len}].")
-        h = self.token_emb(idx) + self.pos_emb(n)
-        for block in self.blocks:
-            h = block(h)
+        decoding = cache is not None and cache.decoding
+        h = self.token_emb(idx) + (self.pos_emb.at(cache.position) if decoding else self.pos_emb(n))
+        for r, block in enumerate(self.blocks):
+            h = block(h, None if cache is None else cache.layers[r])
+        if cache is not None:
+            cache.advance(n)
         return self.head(self.norm(h))
 
     def num_parameters(self) -> int:

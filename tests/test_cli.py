@@ -43,6 +43,12 @@ def tiny_config(tmp_path: Path, name: str = "e2e", **trainer) -> Path:
             "enable_progress_bar": False,
             "enable_model_summary": False,
             "gradient_clip_val": 1.0,
+            "callbacks": [
+                {
+                    "class_path": "lightning_sparse.sample_logging.TextSampleLogger",
+                    "init_args": {"length": 8, "prompt_length": 4},
+                }
+            ],
             "logger": {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": str(tmp_path / "runs"), "name": name, "default_hp_metric": False},
@@ -58,8 +64,6 @@ def tiny_config(tmp_path: Path, name: str = "e2e", **trainer) -> Path:
                 "pattern": {"class_path": "lightning_sparse.kernels.Fixed", "init_args": {"stride": 8, "summary": 2}},
                 "lr": 3e-3,
                 "warmup_steps": 2,
-                "sample_length": 8,
-                "sample_prompt_length": 4,
             },
         },
         "data": {

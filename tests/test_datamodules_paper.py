@@ -165,7 +165,7 @@ def test_cifar10_ddp_evaluation_scores_every_image_once(server, tmp_path, batch_
     dm.val_size = 7
     dm.trainer = SimpleNamespace(world_size=2)  # what a 2-process Trainer shows its DataModule
     dm.setup("fit")
-    model = ImageDensityModel(num_samples=0, num_completions=0, n_layer=1, n_head=2, d_model=32)
+    model = ImageDensityModel(n_layer=1, n_head=2, d_model=32)
     train_rows = {row.tobytes() for row in _hwc(train)}
     for split, n, real in (("val", 7, train_rows), ("test", 5, {row.tobytes() for row in _hwc(test)})):
         dataset = getattr(dm, f"{split}_set")

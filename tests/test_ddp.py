@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_cli import scalars, tiny_config
 
 
@@ -44,6 +45,10 @@ def test_ddp_validation_bpd_equals_single_process(tmp_path):
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log  # really two processes
     log_dir = tmp_path / "runs" / "ddp" / "version_0"
     ((_, ddp_bpd),) = scalars(log_dir, "val/bpd")
+    # The config's TextSampleLogger sampled on both ranks after the validation; only rank 0 wrote, once.
+    events = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    events.Reload()
+    assert [e.step for e in events.Tensors("samples/text/text_summary")] == [6]
     (checkpoint,) = [p for p in (log_dir / "checkpoints").iterdir() if p.name != "last.ckpt"]
 
     run_cli("validate", "--config", str(config), "--ckpt_path", str(checkpoint), cwd=tmp_path)

@@ -1,4 +1,5 @@
-"""Image and audio LightningModules: byte layout, every-dim scoring, sample/completion grids, audio clips, ranks."""
+"""Image and audio LightningModules and their sample callbacks: byte layout, every-dim scoring, sample/completion
+grids, audio clips, ranks."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from lightning_sparse.audio import AudioDensityModel, mu_law_decode, sqrt_stride
 from lightning_sparse.image import ImageDensityModel, sequences_to_images
 from lightning_sparse.kernels import Strided
 from lightning_sparse.model import START
+from lightning_sparse.sample_logging import AudioSampleLogger, ImageSampleLogger
 
 TINY = dict(n_layer=1, n_head=2, d_model=32, warmup_steps=1, attention_backend="torch")
 SHAPE = (4, 4, 3)  # H, W, C: 48 bytes per image
@@ -89,7 +91,7 @@ def test_sequences_to_images_is_raster_order_with_interleaved_channels():
 
 
 def test_image_model_scores_every_dim_with_a_start_token():
-    model = ImageDensityModel(image_shape=SHAPE, num_samples=0, num_completions=0, **TINY)
+    model = ImageDensityModel(image_shape=SHAPE, **TINY)
     assert model.config.seq_len == 48 and model.config.start_token
     assert model.config.position_shape == SHAPE and model.config.pattern == Strided(12)  # default: one image row
     model.configure_model()
@@ -112,9 +114,6 @@ def test_image_model_scores_every_dim_with_a_start_token():
         (dict(image_shape=(32, 32, 3), seq_len=1024), ValueError, "seq_len=1024 .* 3072"),
         (dict(image_shape=(32, 32)), ValueError, "three positive integers"),
         (dict(image_shape=(32, 0, 3)), ValueError, "three positive integers"),
-        (dict(image_shape=(4, 4, 2)), ValueError, "C=2 channels"),
-        (dict(num_samples=-1), ValueError, "num_samples must be an integer >= 0"),
-        (dict(sample_every_n_epochs=0), ValueError, "sample_every_n_epochs must be an integer >= 1"),
         (dict(start_token=False), TypeError, "start_token"),  # fixed by the class: every subpixel is scored
     ],
 )
@@ -123,10 +122,21 @@ def test_image_model_rejects_bad_shapes(kwargs, error, match):
         ImageDensityModel(**kwargs, **TINY)
 
 
+def test_image_sample_logger_rejects_bad_settings():
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 0"):
+        ImageSampleLogger(num_samples=-1)
+    with pytest.raises(ValueError, match="every_n_epochs must be an integer >= 1"):
+        ImageSampleLogger(every_n_epochs=0)
+    with pytest.raises(ValueError, match="C=2 channels"):
+        ImageSampleLogger().setup(None, ImageDensityModel(image_shape=(4, 4, 2), **TINY), "fit")
+    with pytest.raises(ValueError, match="needs an ImageDensityModel"):
+        ImageSampleLogger().setup(None, AudioDensityModel(seq_len=32, **TINY), "fit")
+
+
 @pytest.mark.parametrize("pairs", [False, True])
 def test_image_model_logs_sample_and_completion_grids(tmp_path, pairs):
     torch.manual_seed(0)
-    model = ImageDensityModel(image_shape=SHAPE, num_samples=3, num_completions=2, **TINY)
+    model = ImageDensityModel(image_shape=SHAPE, **TINY)
     val = torch.randint(0, 256, (5, 48), dtype=torch.uint8)
     val_items = val
     if pairs:  # as the image DataModules: (record, first_scored); padding records (first_scored 48) score nothing
@@ -134,7 +144,7 @@ def test_image_model_logs_sample_and_completion_grids(tmp_path, pairs):
         val_items = [(pad, 48), (val[0], 0), (pad, 48), (val[1], 0), (val[2], 0)]  # no padding record is a prompt
     logger, calls = recording_logger(tmp_path)
     trainer = fit_one_step(model, torch.randint(0, 256, (4, 48), dtype=torch.uint8), val_items, logger,
-                           val_check_interval=2)
+                           val_check_interval=2, callbacks=[ImageSampleLogger(num_samples=3, num_completions=2)])
     assert_checkpoint_round_trip(trainer, model, tmp_path / "image.ckpt")
 
     images = {tag: kw for method, tag, kw in calls if method == "add_image"}
@@ -162,49 +172,53 @@ def test_image_model_logs_sample_and_completion_grids(tmp_path, pairs):
     assert (event.height, event.width, event.step) == (14, 14, 2)
 
 
-def test_image_sampling_runs_on_every_rank_and_only_rank_zero_writes(tmp_path):
-    model = ImageDensityModel(image_shape=SHAPE, num_samples=2, num_completions=1, **TINY)
-    model.configure_model()
-    model._real_images = torch.randint(0, 256, (1, 48), dtype=torch.uint8)
+def count_forwards(model) -> list:
+    """Calls of the network's forward: the prompt's prefill and every decoding step each count once."""
     forwards = []
     model.model.register_forward_hook(lambda *_: forwards.append(1))
+    return forwards
+
+
+def test_image_sampling_runs_on_every_rank_and_only_rank_zero_writes(tmp_path):
+    model = ImageDensityModel(image_shape=SHAPE, **TINY)
+    model.configure_model()
+    callback = ImageSampleLogger(num_samples=2, num_completions=1)
+    callback.real = torch.randint(0, 256, (1, 48), dtype=torch.uint8)
+    forwards = count_forwards(model)
     for rank_zero in (False, True):
         written = []
         logger = TensorBoardLogger(tmp_path)
         logger._experiment = SimpleNamespace(add_image=lambda tag, *a, _w=written, **k: _w.append(tag))
-        model.trainer = fake_trainer(rank_zero, [logger])
         forwards.clear()
-        model.on_validation_epoch_end()
-        # 48 forward passes for the unconditional samples and 48 - 24 for the completion, on every rank
+        callback.on_validation_epoch_end(fake_trainer(rank_zero, [logger]), model)
+        # 48 positions for the unconditional samples and 48 - 24 for the completion (prefill + steps), every rank
         assert len(forwards) == 48 + 24
         assert written == (["samples/images", "samples/completions"] if rank_zero else [])
 
 
 def test_image_sampling_is_off_with_zero_counts():
-    model = ImageDensityModel(image_shape=SHAPE, num_samples=0, num_completions=0, **TINY)
+    model = ImageDensityModel(image_shape=SHAPE, **TINY)
     model.configure_model()
-    model.trainer = fake_trainer(True, [])
-    forwards = []
-    model.model.register_forward_hook(lambda *_: forwards.append(1))
-    model.on_validation_epoch_end()
+    forwards = count_forwards(model)
+    ImageSampleLogger(num_samples=0, num_completions=0).on_validation_epoch_end(fake_trainer(True, []), model)
     assert forwards == []
 
 
 @pytest.mark.parametrize("cls", [ImageDensityModel, AudioDensityModel])
 def test_sampling_only_in_every_nth_epoch(cls):
     if cls is ImageDensityModel:
-        model = cls(image_shape=SHAPE, num_samples=1, num_completions=0, sample_every_n_epochs=3, **TINY)
+        model = cls(image_shape=SHAPE, **TINY)
+        callback = ImageSampleLogger(num_samples=1, num_completions=0, every_n_epochs=3)
     else:
-        model = cls(seq_len=32, sample_length=5, sample_every_n_epochs=3, **TINY)
-        model._prompt = torch.randint(0, 256, (1, 4))
+        model = cls(seq_len=32, **TINY)
+        callback = AudioSampleLogger(length=5, prompt_length=4, every_n_epochs=3)
+        callback.prompt = torch.randint(0, 256, (1, 4))
     model.configure_model()
-    forwards = []
-    model.model.register_forward_hook(lambda *_: forwards.append(1))
+    forwards = count_forwards(model)
     counts = []
     for epoch in range(6):
-        model.trainer = fake_trainer(False, [], epoch=epoch)
         forwards.clear()
-        model.on_validation_epoch_end()
+        callback.on_validation_epoch_end(fake_trainer(False, [], epoch=epoch), model)
         counts.append(len(forwards))
     per_round = 48 if cls is ImageDensityModel else 5
     assert counts == [0, 0, per_round, 0, 0, per_round]  # epochs 3 and 6 (1-based)
@@ -229,11 +243,12 @@ def test_sqrt_stride_is_the_divisor_nearest_the_square_root():
 
 def test_audio_model_logs_decoded_clips_at_the_sample_rate(tmp_path):
     torch.manual_seed(0)
-    model = AudioDensityModel(seq_len=32, sample_rate=8000, sample_length=20, sample_prompt_length=8, **TINY)
+    model = AudioDensityModel(seq_len=32, sample_rate=8000, **TINY)
     assert model.config.position_shape == (8, 4)  # (row, column) of a stride-wide matrix, like text
     val = torch.randint(0, 256, (3, 33), dtype=torch.uint8)
     logger, calls = recording_logger(tmp_path)
-    trainer = fit_one_step(model, torch.randint(0, 256, (4, 33), dtype=torch.uint8), val, logger, val_check_interval=2)
+    trainer = fit_one_step(model, torch.randint(0, 256, (4, 33), dtype=torch.uint8), val, logger, val_check_interval=2,
+                           callbacks=[AudioSampleLogger(length=20, prompt_length=8)])
     assert_checkpoint_round_trip(trainer, model, tmp_path / "audio.ckpt")
 
     clips = {tag: kw for method, tag, kw in calls if method == "add_audio"}
@@ -259,10 +274,12 @@ def test_audio_model_rejects_a_data_module_at_another_sample_rate():
         def train_dataloader(self):
             return DataLoader(torch.randint(0, 256, (2, 33), dtype=torch.uint8), batch_size=2)
 
-    model = AudioDensityModel(seq_len=32, sample_rate=12_000, sample_length=0, **TINY)
+    model = AudioDensityModel(seq_len=32, sample_rate=12_000, **TINY)
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ValueError, match="sample_rate=12000 .* sample_rate=16000"):
         trainer.fit(model, datamodule=Data())
     with pytest.raises(ValueError, match="sample_rate must be a positive integer"):
         AudioDensityModel(seq_len=32, sample_rate=0, **TINY)
+    with pytest.raises(ValueError, match="need 35 input positions but the model's seq_len is 32"):
+        AudioSampleLogger(length=20, prompt_length=16).setup(None, model, "fit")

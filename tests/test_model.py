@@ -17,14 +17,12 @@ from lightning_sparse.kernels import (
     StridedColumns,
 )
 from lightning_sparse.model import (
-    START,
     PositionEmbedding,
     SparseTransformer,
     SparseTransformerConfig,
     default_position_shape,
     quick_gelu,
 )
-from lightning_sparse.sampling import sample
 
 
 def tiny(**overrides) -> SparseTransformerConfig:
@@ -269,33 +267,6 @@ def test_recomputation_gives_identical_gradients(dropout):
 def test_bad_config_raises_with_the_fix(overrides, match):
     with pytest.raises(ValueError, match=match):
         tiny(**overrides)
-
-
-def test_sampling_shapes_determinism_and_mode():
-    torch.manual_seed(0)
-    model = with_random_head(SparseTransformer(tiny(dropout=0.1, attention_backend="reference"))).train()
-    prompt = torch.randint(0, 256, (2, 5))
-    a = sample(model, prompt, 40, generator=torch.Generator().manual_seed(7))  # 45 > seq_len: the context slides
-    b = sample(model, prompt, 40, generator=torch.Generator().manual_seed(7))
-    assert a.shape == (2, 40) and a.dtype == torch.long and 0 <= a.min() and a.max() < 256
-    assert torch.equal(a, b)
-    assert model.training  # mode restored
-    with pytest.raises(ValueError, match="temperature"):
-        sample(model, prompt, 4, temperature=0.0)
-    with pytest.raises(ValueError, match="prompt"):
-        sample(model, torch.zeros(2, 0, dtype=torch.long), 4)
-
-
-def test_sampling_follows_the_model_distribution():
-    """A model rigged to put all mass on one byte after a given context must sample exactly that."""
-    model = SparseTransformer(tiny(start_token=True, attention_backend="reference"))
-    with torch.no_grad():
-        model.norm.weight.zero_()
-        model.norm.bias.fill_(1.0)
-        model.head.weight.zero_()
-        model.head.weight[65] = 100.0
-    out = sample(model, torch.tensor([[START]]), 50, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(out, torch.full((1, 50), 65))
 
 
 def test_compiled_density_model_shares_block_graphs_and_keeps_clean_state_dict_keys(tmp_path):

@@ -21,6 +21,7 @@ from lightning_sparse.kernels import Fixed
 from lightning_sparse.metrics import BitsPerDim
 from lightning_sparse.model import START
 from lightning_sparse.modules import DensityModel, WarmupCosine
+from lightning_sparse.sample_logging import TextSampleLogger
 from lightning_sparse.text import TextDensityModel, markdown_code_block
 
 SEQ = 16
@@ -28,7 +29,7 @@ SEQ = 16
 
 def make(cls=TextDensityModel, **overrides):
     kw = dict(
-        seq_len=SEQ, n_layer=1, n_head=2, d_model=16, pattern=Fixed(4, 1), lr=1e-2, warmup_steps=2, sample_length=0
+        seq_len=SEQ, n_layer=1, n_head=2, d_model=16, pattern=Fixed(4, 1), lr=1e-2, warmup_steps=2
     )
     kw.update(overrides)
     return cls(**kw)
@@ -254,9 +255,7 @@ def test_a_diverging_run_stops_with_the_step_and_keeps_the_good_checkpoints(tmp_
         (dict(betas=(0.9, float("-inf"))), "betas must be two numbers in"),
         (dict(warmup_steps=-1), "warmup_steps"),
         (dict(decay_steps=2, warmup_steps=2), "decay_steps"),
-        (dict(sample_length=-1), "sample_length"),
         (dict(n_head=3), "n_head=3"),
-        (dict(prompt=""), "prompt"),
     ],
 )
 def test_bad_module_arguments_raise_with_the_fix(overrides, match):
@@ -309,22 +308,29 @@ def read_texts(log_dir) -> dict[str, list[str]]:
 @pytest.mark.parametrize("prompt", [None, "def "])
 def test_text_sample_is_logged_to_tensorboard(tmp_path, prompt):
     L.seed_everything(0)
-    model = make(sample_length=20, sample_prompt_length=5, prompt=prompt)
+    model = make()
     logger = TensorBoardLogger(tmp_path, name="tb", default_hp_metric=False)
     val_windows = text_windows(8, seed=2)
-    t = trainer(tmp_path, max_steps=4, val_check_interval=2, logger=logger)
+    callback = TextSampleLogger(length=10, prompt_length=5, prompt=prompt)
+    t = trainer(tmp_path, max_steps=4, val_check_interval=2, logger=logger, callbacks=[callback])
     t.fit(model, DataLoader(text_windows(32, seed=1), batch_size=8), DataLoader(val_windows, batch_size=4))
     (texts,) = [v for k, v in read_texts(logger.log_dir).items() if k.startswith("samples/text")]
     assert len(texts) == 2  # one per validation
     expected_prompt = prompt or bytes(val_windows[0][:5].tolist()).decode()
     for text in texts:
         assert f"**prompt** ({len(expected_prompt)} bytes)\n\n```\n{expected_prompt}\n```" in text
-        assert "**sample** (20 bytes, temperature 1.0" in text and text.endswith("```")
+        assert "**sample** (10 bytes, temperature 1.0" in text and text.endswith("```")
 
 
 def test_markdown_code_block_survives_backticks_and_bad_utf8():
     assert markdown_code_block("a ``` b") == "````\na ``` b\n````"
     assert markdown_code_block("x") == "```\nx\n```"
-    model = make()
-    model._trainer = SimpleNamespace(loggers=[], global_step=0)
-    model.log_samples(torch.tensor([START, 65]), torch.tensor([0xFF, 0xC3, 66]))  # no logger, invalid UTF-8: fine
+    trainer_ = SimpleNamespace(loggers=[], global_step=0)
+    TextSampleLogger().write(trainer_, make(), (torch.tensor([START, 65]), torch.tensor([0xFF, 0xC3, 66])))  # fine
+
+
+def test_text_sample_logger_checks_that_prompt_and_sample_fit_the_context():
+    with pytest.raises(ValueError, match="need 19 input positions but the model's seq_len is 16"):
+        TextSampleLogger(length=10, prompt_length=10).setup(None, make(), "fit")
+    with pytest.raises(ValueError, match="non-empty string"):
+        TextSampleLogger(prompt="")
