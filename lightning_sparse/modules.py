@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from jsonargparse import set_parsing_settings
 
-from lightning_sparse import kernels
+from lightning_sparse import kernels, parallel
 from lightning_sparse.kernels import Dense, Interleaved, Pattern
 from lightning_sparse.metrics import BitsPerDim
 from lightning_sparse.model import START, VOCAB_SIZE, SparseTransformer, SparseTransformerConfig, default_position_shape
@@ -197,9 +197,27 @@ class DensityModel(L.LightningModule):
     # ----- the network -----
 
     def configure_model(self) -> None:
-        """Build the network once (idempotent; Lightning calls this on every fit/validate/test and on load)."""
+        """Build the network once (idempotent; Lightning calls this on every fit/validate/test and on load), then
+        apply the strategy's parallelism, then compile: build → shard (FSDP2) → compile."""
         if self.model is None:
             self.model = SparseTransformer(self.config)
+        # ----- distributed training (lightning_sparse.parallel): each step is idempotent, a no-op without its strategy
+        if self._trainer is not None:  # FSDP's per-Block checkpointing replaces the blocks' own recomputation
+            parallel.hand_over_recompute(self.model, self._trainer.strategy)
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, fully_shard per Block, then the root
+            parallel.shard_blocks(self.model, self.device_mesh, parallel.mixed_precision_policy(self.trainer.precision))
+        if self.hparams.get("compile") is True:  # torch.compile per Block, after sharding
+            parallel.compile_blocks(self.model)
+        # ----- end of distributed training
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
+    ) -> None:
+        """Norm clipping under FSDPStrategy goes through the FSDP root (Lightning's plugin refuses it); else default."""
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            if parallel.clip_sharded_grad_norm(self.trainer.strategy, gradient_clip_val):
+                return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits ``[batch, n, 256]`` for input ids ``[batch, n]``."""
