@@ -201,6 +201,7 @@ class DensityModel(L.LightningModule):
         apply the strategy's parallelism, then compile: build → shard (FSDP2) → compile."""
         if self.model is None:
             self.model = SparseTransformer(self.config)
+            parallel.remember_ndims(self.model)  # FSDP1 flattens parameters; weight decay needs the built shapes
         # ----- distributed training (lightning_sparse.parallel): each step is idempotent, a no-op without its strategy
         if self._trainer is not None:  # FSDP's per-Block checkpointing replaces the blocks' own recomputation
             parallel.hand_over_recompute(self.model, self._trainer.strategy)
@@ -330,8 +331,8 @@ class DensityModel(L.LightningModule):
         """AdamW (decay on ≥2-D tensors only) with per-step linear warmup then cosine decay to 0 [P §6; DA]."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"params": [p for p in params if parallel.built_ndim(p) >= 2], "weight_decay": self.weight_decay},
+            {"params": [p for p in params if parallel.built_ndim(p) < 2], "weight_decay": 0.0},
         ]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas)
         total = self.decay_steps

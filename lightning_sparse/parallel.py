@@ -31,12 +31,15 @@ from lightning_sparse.model import Block, SparseTransformer
 __all__ = [
     "SparseFSDPStrategy",
     "block_classes",
+    "built_ndim",
     "clip_sharded_grad_norm",
     "compile_blocks",
     "consolidate_checkpoint",
+    "fsdp_wrap_classes",
     "hand_over_recompute",
     "is_sharded",
     "mixed_precision_policy",
+    "remember_ndims",
     "shard_blocks",
 ]
 
@@ -44,16 +47,26 @@ log = logging.getLogger(__name__)
 
 
 def block_classes() -> set[type[nn.Module]]:
-    """The module classes that are one unit of sharding and activation checkpointing: the residual Block."""
+    """The module classes that are one unit of sharding, activation checkpointing and compilation: the residual Block."""
     return {Block}
+
+
+def fsdp_wrap_classes() -> set[type[nn.Module]]:
+    """FSDP1 units: every Block, and the network itself for the rest (embeddings, final norm, head).
+
+    The network being its own unit matters for sampling, which calls the network directly, outside the
+    LightningModule's forward: an FSDP unit gathers its parameters whenever it is called.
+    """
+    return block_classes() | {SparseTransformer}
 
 
 # ----- FSDP1: Lightning's FSDPStrategy -----------------------------------------------------------------------------
 
 
 class SparseFSDPStrategy(FSDPStrategy):
-    """Lightning's ``FSDPStrategy`` set up for this model: every residual Block is one FSDP unit and (by default) one
-    activation-checkpointing unit, and bf16 precision computes in bf16 but reduces gradients in fp32.
+    """Lightning's ``FSDPStrategy`` set up for this model: every residual Block is one FSDP unit (and the network, for
+    the embeddings and head; :func:`fsdp_wrap_classes`) and by default one activation-checkpointing unit, and bf16
+    precision computes in bf16 but reduces gradients in fp32.
 
     Plain ``FSDPStrategy`` reduces gradients in bf16 under ``precision: bf16-mixed``; with this class the
     parameters and buffers are cast to bf16 for compute and the gradient reduce-scatter runs in fp32.
@@ -64,8 +77,8 @@ class SparseFSDPStrategy(FSDPStrategy):
             node, replication across nodes) or "NO_SHARD".
         state_dict_type: "full" (one file gathered on rank 0, readable anywhere) or "sharded" (a folder, one file
             per rank; see :func:`consolidate_checkpoint`).
-        activation_checkpointing: Recompute each Block in the backward pass (the strategy's policy). A model with
-            ``recompute=True`` hands its own recomputation over to this (:func:`hand_over_recompute`).
+        checkpoint_blocks: Recompute each Block in the backward pass (the strategy's activation-checkpointing policy).
+            A model with ``recompute=True`` hands its own recomputation over to it (:func:`hand_over_recompute`).
         **kwargs: Every other ``FSDPStrategy`` argument (``cpu_offload``, ``mixed_precision``, ``limit_all_gathers``, …).
     """
 
@@ -73,12 +86,14 @@ class SparseFSDPStrategy(FSDPStrategy):
         self,
         sharding_strategy: str = "FULL_SHARD",
         state_dict_type: str = "full",
-        activation_checkpointing: bool = True,
+        checkpoint_blocks: bool = True,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("auto_wrap_policy", block_classes())
-        if activation_checkpointing:
-            kwargs.setdefault("activation_checkpointing_policy", block_classes())
+        # `is None`, not setdefault: LightningCLI passes every inherited argument, unset ones as None.
+        if kwargs.get("auto_wrap_policy") is None:
+            kwargs["auto_wrap_policy"] = fsdp_wrap_classes()
+        if checkpoint_blocks and kwargs.get("activation_checkpointing_policy") is None:
+            kwargs["activation_checkpointing_policy"] = block_classes()
         super().__init__(sharding_strategy=sharding_strategy, state_dict_type=state_dict_type, **kwargs)
 
     @property
@@ -123,6 +138,25 @@ def clip_sharded_grad_norm(strategy: Strategy, max_norm: float) -> bool:
         return False
     strategy.model.clip_grad_norm_(max_norm)  # the root FullyShardedDataParallel: a collective over all ranks
     return True
+
+
+_NDIM_ATTRIBUTE = "_lightning_sparse_ndim"
+
+
+def remember_ndims(network: nn.Module) -> None:
+    """Record every parameter's number of dimensions as built, before any wrapping.
+
+    FSDP1 (``use_orig_params=True``) keeps the parameter objects but turns each into a flat 1-D view of its local
+    shard, so ``p.dim()`` no longer tells a weight matrix (weight decay) from a bias (none); :func:`built_ndim` reads
+    the recorded value.
+    """
+    for p in network.parameters():
+        setattr(p, _NDIM_ATTRIBUTE, p.dim())
+
+
+def built_ndim(p: torch.Tensor) -> int:
+    """A parameter's number of dimensions when the network was built (:func:`remember_ndims`), else ``p.dim()``."""
+    return getattr(p, _NDIM_ATTRIBUTE, p.dim())
 
 
 # ----- FSDP2: ModelParallelStrategy's device mesh -------------------------------------------------------------------

@@ -92,7 +92,8 @@ def main(args: argparse.Namespace) -> None:
         lr=3e-3,
         warmup_steps=2,
         decay_steps=100,
-        sample_length=0,
+        sample_length=8 if args.sample else 0,  # sampling after each validation: forwards on every rank
+        sample_prompt_length=4,
     )
     data = FixedData(args.batch)
     losses = GlobalLoss()
@@ -107,10 +108,7 @@ def main(args: argparse.Namespace) -> None:
         max_steps=args.steps,
         gradient_clip_val=1.0,
         use_distributed_sampler=False,  # FixedData splits the samples itself, in order
-        limit_val_batches=None,
         num_sanity_val_steps=0,
-        val_check_interval=None,
-        check_val_every_n_epoch=None,
         logger=False,
         enable_checkpointing=bool(args.ckpt_dir),
         enable_progress_bar=False,
@@ -130,6 +128,10 @@ def main(args: argparse.Namespace) -> None:
         "fsdp2_sharded": parallel.is_sharded(net),
         "blocks_recompute": [b.recompute for b in net.blocks],
         "global_step": trainer.global_step,
+        # parameters in the weight-decay group (must not depend on the strategy; FSDP1 flattens parameters)
+        "decay_params": sum(len(g["params"]) for g in trainer.optimizers[0].param_groups if g["weight_decay"] > 0)
+        if trainer.optimizers
+        else None,
     }
     if trainer.is_global_zero:
         Path(args.out).write_text(json.dumps(record))
@@ -144,6 +146,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="samples per process per step")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--recompute", action="store_true")
+    p.add_argument("--sample", action="store_true", help="sample 8 bytes after every validation")
     p.add_argument("--state-dict-type", default="sharded", choices=["full", "sharded"], help="fsdp only")
     p.add_argument("--ckpt-dir", default=None, help="save a checkpoint every 2 steps (every epoch) here")
     p.add_argument("--resume", default=None, help="checkpoint to resume fit from")
