@@ -19,6 +19,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_sparse import parallel
@@ -66,12 +67,12 @@ class GlobalLoss(Callback):
         self.losses.append(float(loss))
 
 
-def strategy_from_name(name: str, state_dict_type: str, devices: int):
+def strategy_from_name(name: str, state_dict_type: str, sharding: str, devices: int):
     """The strategy object of a short name: single, ddp, fsdp (SparseFSDPStrategy) or fsdp2 (ModelParallelStrategy)."""
     if name in ("single", "ddp"):
         return "auto" if name == "single" else "ddp"
     if name == "fsdp":
-        return parallel.SparseFSDPStrategy(state_dict_type=state_dict_type)
+        return parallel.SparseFSDPStrategy(sharding_strategy=sharding, state_dict_type=state_dict_type)
     if name == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -103,7 +104,7 @@ def main(args: argparse.Namespace) -> None:
     trainer = L.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
-        strategy=strategy_from_name(args.strategy, args.state_dict_type, args.devices),
+        strategy=strategy_from_name(args.strategy, args.state_dict_type, args.sharding, args.devices),
         precision=args.precision,
         max_steps=args.steps,
         gradient_clip_val=1.0,
@@ -126,6 +127,7 @@ def main(args: argparse.Namespace) -> None:
         "val_bpd": float(trainer.callback_metrics["val/bpd"]),
         "world_size": trainer.world_size,
         "fsdp2_sharded": parallel.is_sharded(net),
+        "fsdp1_units": sum(isinstance(m, FullyShardedDataParallel) for m in model.modules()),
         "blocks_recompute": [b.recompute for b in net.blocks],
         "global_step": trainer.global_step,
         # parameters in the weight-decay group (must not depend on the strategy; FSDP1 flattens parameters)
@@ -148,6 +150,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recompute", action="store_true")
     p.add_argument("--sample", action="store_true", help="sample 8 bytes after every validation")
     p.add_argument("--state-dict-type", default="sharded", choices=["full", "sharded"], help="fsdp only")
+    p.add_argument("--sharding", default="FULL_SHARD", help="fsdp only: FULL_SHARD, SHARD_GRAD_OP or HYBRID_SHARD")
     p.add_argument("--ckpt-dir", default=None, help="save a checkpoint every 2 steps (every epoch) here")
     p.add_argument("--resume", default=None, help="checkpoint to resume fit from")
     p.add_argument("--validate", default=None, help="only validate this checkpoint")

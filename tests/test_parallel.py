@@ -49,12 +49,13 @@ def run(tmp: Path, name: str, *args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """One process at batch 8, DDP and FSDP2 on two processes at batch 4 each (FSDP2 saving sharded checkpoints)."""
+    """One process at batch 8, DDP and FSDP2 on two processes at batch 4 each (FSDP2 saving sharded checkpoints);
+    all sample 8 bytes after each validation (under FSDP2 a forward of the sharded network on every rank)."""
     tmp = tmp_path_factory.mktemp("parallel")
-    two = ("--devices", "2", "--batch", "4")
+    two = ("--devices", "2", "--batch", "4", "--sample")
     return {
         "tmp": tmp,
-        "single": run(tmp, "single", "--batch", "8"),
+        "single": run(tmp, "single", "--batch", "8", "--sample"),
         "ddp": run(tmp, "ddp", "--strategy", "ddp", *two),
         "fsdp2": run(tmp, "fsdp2", "--strategy", "fsdp2", *two, "--ckpt-dir", str(tmp / "fsdp2_ckpt")),
     }
