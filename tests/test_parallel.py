@@ -286,3 +286,22 @@ def test_compile_blocks_compiles_in_place_once():
     assert list(network.state_dict()) == keys  # in-place compile: no "_orig_mod." in checkpoints
     parallel.compile_blocks(network)
     assert [b._compiled_call_impl for b in network.blocks] == compiled  # idempotent
+
+
+def test_multi_gpu_benchmark_builds_the_configs_networks_without_the_cli():
+    """benchmarks/multi_gpu.py reads the YAML with PyYAML only (no jsonargparse on the GPU machine)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "multi_gpu.py"
+    spec = importlib.util.spec_from_file_location("multi_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    expected = {"enwik8": 94.9e6, "imagenet64": 151.6e6, "audio_65k": 151.8e6}  # the README's parameter counts
+    for name, params in expected.items():
+        network = bench.build_network(bench.network_args(bench.read_config(name)), torch.device("meta"))
+        assert network.num_parameters() == pytest.approx(params, rel=2e-3), name
+    image = bench.build_network(bench.network_args(bench.read_config("imagenet64")), torch.device("meta")).config
+    assert image.start_token and image.position_shape == (64, 64, 3)
+    long = bench.network_args(bench.read_config("audio_65k"), seq_len=1 << 20)
+    assert long["pattern"]["init_args"]["stride"] == 1024 and bench.stride_for(1 << 17) == 512
+    assert bench.build_network(long, torch.device("meta")).config.position_shape == (1024, 1024)
