@@ -397,9 +397,9 @@ def compile_blocks(model: SparseTransformer, mode: str | None = None) -> SparseT
     Per-block compilation keeps compile time independent of depth: blocks that share a pattern object (every
     block but those of different ``Interleaved`` entries) reuse one compiled graph. ``nn.Module.compile`` compiles
     in place, so ``state_dict`` keys carry no ``_orig_mod.`` prefix and checkpoints load into uncompiled models.
+    Idempotent: modules compiled already are left as they are (``configure_model`` runs on every fit/validate).
     """
-    for block in model.blocks:
-        block.compile(mode=mode)
-    model.norm.compile(mode=mode)
-    model.head.compile(mode=mode)
+    for module in (*model.blocks, model.norm, model.head):
+        if getattr(module, "_compiled_call_impl", None) is None:
+            module.compile(mode=mode)
     return model

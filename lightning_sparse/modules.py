@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_sparse import kernels
+from lightning_sparse import kernels, parallel
 from lightning_sparse.callbacks import safety_callbacks
 from lightning_sparse.kernels import Dense, Interleaved, Pattern
 from lightning_sparse.metrics import BitsPerDim
@@ -203,11 +203,28 @@ class DensityModel(L.LightningModule):
     # ----- the network -----
 
     def configure_model(self) -> None:
-        """Build the network once (idempotent; Lightning calls this on every fit/validate/test and on load)."""
+        """Build the network once (idempotent; Lightning calls this on every fit/validate/test and on load), then
+        apply the strategy's parallelism, then compile: build → shard (FSDP2) → compile."""
         if self.model is None:
             self.model = SparseTransformer(self.config)
-            if self.compile_network:
-                compile_blocks(self.model, mode=self.compile_mode)
+            parallel.remember_ndims(self.model)  # FSDP1 flattens parameters; weight decay needs the built shapes
+        # ----- distributed training (lightning_sparse.parallel): each step is idempotent, a no-op without its strategy
+        if self._trainer is not None:  # FSDP's per-Block checkpointing replaces the blocks' own recomputation
+            parallel.hand_over_recompute(self.model, self._trainer.strategy)
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, fully_shard per Block, then the root
+            parallel.shard_blocks(self.model, self.device_mesh, parallel.mixed_precision_policy(self.trainer.precision))
+        if self.compile_network:  # torch.compile per Block, after sharding (idempotent)
+            compile_blocks(self.model, mode=self.compile_mode)
+        # ----- end of distributed training
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
+    ) -> None:
+        """Norm clipping under FSDPStrategy goes through the FSDP root (Lightning's plugin refuses it); else default."""
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            if parallel.clip_sharded_grad_norm(self.trainer.strategy, gradient_clip_val):
+                return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits ``[batch, n, 256]`` for input ids ``[batch, n]``."""
@@ -293,8 +310,8 @@ class DensityModel(L.LightningModule):
         """AdamW (decay on ≥2-D tensors only) with per-step linear warmup then cosine decay to 0 [P §6; DA]."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"params": [p for p in params if parallel.built_ndim(p) >= 2], "weight_decay": self.weight_decay},
+            {"params": [p for p in params if parallel.built_ndim(p) < 2], "weight_decay": 0.0},
         ]
         # one fused multi-tensor kernel per step when every parameter is a CUDA floating tensor
         fused = all(p.is_cuda and p.is_floating_point() for p in params) or None
