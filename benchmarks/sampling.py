@@ -154,7 +154,7 @@ def run_job(job: str, args: argparse.Namespace, device: torch.device) -> dict:
         "config": name, "params_m": model.num_parameters() / 1e6, "layers": config.n_layer,
         "pattern": repr(config.pattern), "seq_len": config.seq_len, "batch": batch,
         "prompt": 1 if prompt_len is None else prompt_len, "positions": length, **cached,
-        "bytes_per_s": batch * (length - 1) / (cached["decode_ms"] * 1e-3 * max(1, length - 1)),
+        "bytes_per_s": batch / (cached["decode_ms"] * 1e-3),  # decoding steps, summed over the batch
         "uncached_ms": None if uncached is None else uncached * 1e3,
         "uncached_total_s_extrapolated": None if uncached is None else uncached * length,
         "uncached_positions_timed": args.uncached_positions,

@@ -49,8 +49,8 @@ class _GraphStep:
     """One decoding step (embed → every block → logits, position + 1) captured in a CUDA graph.
 
     Static buffers: the input ids ``[batch, 1]`` and the logits ``[batch, 256]``. Two eager warm-up steps on a
-    side stream compile the kernels (they write keys at the current and the next position, which the real steps
-    overwrite before any query reads them) and the position is restored before capture. Under the caller's
+    side stream compile the kernels; both run at the current position (writing the key and value the first real
+    step writes again) and the position is restored before capture. Under the caller's
     autocast the warm-up also fills autocast's cache of low-precision weights, so the graph reads those instead of
     casting every weight at every step; they stay alive while the graph is replayed, because autocast clears its
     cache only when the outermost autocast region exits, after ``sample`` returns.
@@ -62,10 +62,10 @@ class _GraphStep:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):
+            for _ in range(2):  # both at the current position: the next one may lie beyond the cache
                 model(self.ids, cache=cache)
+                cache.position.copy_(start)
         torch.cuda.current_stream().wait_stream(stream)
-        cache.position.copy_(start)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = model(self.ids, cache=cache)[:, -1].float()
