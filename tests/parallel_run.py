@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_sparse import parallel
 from lightning_sparse.kernels import Fixed
+from lightning_sparse.sample_logging import TextSampleLogger
 from lightning_sparse.text import TextDensityModel
 
 SEQ_LEN, TRAIN_SAMPLES, VAL_SAMPLES = 32, 16, 8  # 2 steps per epoch at a global batch of 8
@@ -93,12 +94,12 @@ def main(args: argparse.Namespace) -> None:
         lr=3e-3,
         warmup_steps=2,
         decay_steps=100,
-        sample_length=8 if args.sample else 0,  # sampling after each validation: forwards on every rank
-        sample_prompt_length=4,
     )
     data = FixedData(args.batch)
     losses = GlobalLoss()
     callbacks = [losses]
+    if args.sample:  # sampling after each validation: forwards on every rank, rank 0 writes
+        callbacks.append(TextSampleLogger(length=8, prompt_length=4))
     if args.ckpt_dir:
         callbacks.append(ModelCheckpoint(args.ckpt_dir, "{step}", every_n_train_steps=2, save_top_k=-1))
     trainer = L.Trainer(

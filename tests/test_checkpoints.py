@@ -63,7 +63,7 @@ CHILD = textwrap.dedent(
     text = torch.tensor(list(b"def f(x):\\n    return x + 1\\n" * 40), dtype=torch.uint8)
     windows = [text[i : i + 17].clone() for i in range(0, 640, 10)]
     model = TextDensityModel(seq_len=16, n_layer=1, n_head=2, d_model=16, pattern=Fixed(4, 1), lr=1e-2,
-                             warmup_steps=2, sample_length=0)
+                             warmup_steps=2)
     checkpoint = ModelCheckpoint(dirpath=os.path.join(run, "checkpoints"), monitor="val/bpd", save_last=True)
     trainer = L.Trainer(accelerator="cpu", max_steps=40, val_check_interval=2, limit_val_batches=1, logger=False,
                         callbacks=[checkpoint], plugins=[BlockingCheckpointIO()], enable_progress_bar=False,
@@ -124,8 +124,7 @@ def test_atomic_save_replaces_the_file_and_cleans_only_its_own_orphans(tmp_path)
 
 
 def test_modules_and_cli_install_the_atomic_checkpoint_io(tmp_path):
-    model = TextDensityModel(seq_len=16, n_layer=1, n_head=2, d_model=16, pattern=Fixed(4, 1), warmup_steps=0,
-                             sample_length=0)
+    model = TextDensityModel(seq_len=16, n_layer=1, n_head=2, d_model=16, pattern=Fixed(4, 1), warmup_steps=0)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     text = torch.randint(0, 256, (4, 17), dtype=torch.uint8)
@@ -142,7 +141,7 @@ def _resume_config(tmp_path: Path) -> Path:
                     limit_val_batches=2, max_time="00:00:30:00").read_text()
     )
     config["data"]["init_args"]["train_samples"] = 400
-    config["model"]["init_args"].update(warmup_steps=5, sample_length=0)
+    config["model"]["init_args"].update(warmup_steps=5)
     path = tmp_path / "resume.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -186,8 +185,7 @@ def test_last_checkpoint_is_written_on_ctrl_c_but_not_twice_at_one_step(tmp_path
             super().save_checkpoint(checkpoint, path, storage_options)
 
     def fit(max_steps, folder, *callbacks):
-        model = TextDensityModel(seq_len=16, n_layer=1, n_head=2, d_model=16, pattern=Fixed(4, 1), warmup_steps=0,
-                                 sample_length=0)
+        model = TextDensityModel(seq_len=16, n_layer=1, n_head=2, d_model=16, pattern=Fixed(4, 1), warmup_steps=0)
         checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, monitor="val/bpd", save_last=True)
         trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, val_check_interval=2, limit_val_batches=1,
                             logger=False, callbacks=[checkpoint, *callbacks], plugins=[CountingIO()],
@@ -221,8 +219,7 @@ def test_max_time_stop_leaves_room_for_the_final_validation(tmp_path, caplog):
         def on_validation_end(self, trainer, *args):
             validated.append(trainer.global_step)
 
-    model = TextDensityModel(seq_len=16, n_layer=1, n_head=2, d_model=16, pattern=Fixed(4, 1), warmup_steps=0,
-                             sample_length=0)
+    model = TextDensityModel(seq_len=16, n_layer=1, n_head=2, d_model=16, pattern=Fixed(4, 1), warmup_steps=0)
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, monitor="val/bpd", save_last=True)
     trainer = L.Trainer(accelerator="cpu", max_steps=20, max_time="00:00:30:00", val_check_interval=2,
                         limit_val_batches=1, logger=False, callbacks=[SlowValidationSeen(), Validations(), checkpoint],

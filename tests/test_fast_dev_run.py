@@ -25,13 +25,19 @@ SMALL = ["--model.init_args.n_layer=1", "--model.init_args.n_head=2", "--model.i
          "--model.init_args.recompute=false"]
 
 
+# the configs' sample callbacks, shrunk to the shrunk contexts
+TEXT_SAMPLE = '--trainer.callbacks=[{"class_path": "lightning_sparse.sample_logging.TextSampleLogger", "init_args": {"length": 4, "prompt_length": 8}}]'
+AUDIO_SAMPLE = '--trainer.callbacks=[{"class_path": "lightning_sparse.sample_logging.AudioSampleLogger", "init_args": {"length": 4, "prompt_length": 8}}]'
+IMAGE_SAMPLE = '--trainer.callbacks=[{"class_path": "lightning_sparse.sample_logging.ImageSampleLogger", "init_args": {"num_samples": 1, "num_completions": 1}}]'
+
+
 def _enwik8(tmp: Path) -> list[str]:
     (tmp / "enwik8").mkdir()
     data = np.random.default_rng(0).integers(9, 127, 6000, dtype=np.uint8).tobytes()
     (tmp / "enwik8" / "enwik8").write_bytes(data)
     return [*SMALL, "--model.init_args.n_head=4", "--data.init_args.seq_len=64",
             "--model.init_args.pattern.init_args.stride=16",
-            "--model.init_args.pattern.init_args.summary=4", "--model.init_args.sample_length=4",
+            "--model.init_args.pattern.init_args.summary=4", TEXT_SAMPLE,
             f"--data.init_args.data_dir={tmp / 'enwik8'}", "--data.init_args.download=false",
             f"--data.init_args.size={len(data)}", "--data.init_args.md5=null", "--data.init_args.zip_size=null",
             "--data.init_args.val_bytes=1000", "--data.init_args.test_bytes=1000",
@@ -42,7 +48,7 @@ def _cifar10(tmp: Path) -> list[str]:
     _, files, _, _ = cifar_archive(4, np.random.default_rng(0))
     write_members(tmp / "cifar", {f"cifar-10-batches-py/{name}": files[name] for name in [*CIFAR_BATCHES,
                                                                                            "batches.meta"]})
-    return [*SMALL, "--model.init_args.num_samples=0", "--model.init_args.num_completions=0",
+    return [*SMALL, IMAGE_SAMPLE,
             f"--data.init_args.data_dir={tmp / 'cifar'}", "--data.init_args.download=false",
             "--data.init_args.md5=null", "--data.init_args.file_md5s={}", "--data.init_args.val_size=4",
             "--data.init_args.batch_size=2", "--data.init_args.num_workers=0"]
@@ -53,7 +59,7 @@ def _imagenet64(tmp: Path) -> list[str]:
     members = oord_pngs("train_64x64", images[:4], [f"t{i}.png" for i in range(4)])
     members |= oord_pngs("valid_64x64", images[4:], ["v0.png", "v1.png"])
     write_members(tmp / "imagenet64", members)
-    return [*SMALL, "--model.init_args.num_samples=0", "--model.init_args.num_completions=0",
+    return [*SMALL, IMAGE_SAMPLE,
             f"--data.init_args.data_dir={tmp / 'imagenet64'}", "--data.init_args.download=false",
             "--data.init_args.val_size=2", "--data.init_args.batch_size=1", "--data.init_args.num_workers=0",
             "--data.init_args.decode_workers=0"]
@@ -70,13 +76,13 @@ def _audio(tmp: Path) -> list[str]:
         writer.writeheader()
         writer.writerows(rows)
     return [*SMALL, "--data.init_args.seq_len=256", "--model.init_args.pattern.init_args.stride=16",
-            "--model.init_args.sample_length=4", "--model.init_args.sample_prompt_length=8",
+            AUDIO_SAMPLE,
             f"--data.init_args.data_dir={root}", f"--data.init_args.split_csv={tmp / 'split.csv'}",
             f"--data.init_args.cache_dir={tmp / 'cache'}", "--data.init_args.num_workers=0"]
 
 
 def _quickstart(tmp: Path) -> list[str]:
-    return ["--model.init_args.sample_length=8", f"--data.init_args.paths=[{write_tiny_corpus(tmp / 'corpus')}]",
+    return [TEXT_SAMPLE, f"--data.init_args.paths=[{write_tiny_corpus(tmp / 'corpus')}]",
             f"--data.init_args.cache_dir={tmp / 'cache'}"]
 
 

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from lightning_sparse.kernels import Dense, Fixed, Strided, sparse_attention, triton_backend
+from lightning_sparse.kernels import Dense, Fixed, Strided, sparse_attention
 from lightning_sparse.model import Block, SparseTransformer, SparseTransformerConfig, compile_blocks
 
 pytestmark = [
@@ -62,8 +62,6 @@ def _block_results(block, x, compiled: bool):
     ids=["strided", "fixed", "strided-half-qk", "dense-sdpa-half-qk"],
 )
 def test_compiled_block_traces_fullgraph_and_matches_eager(pattern, backend, qk_ratio):
-    if backend == "triton" and qk_ratio != 1.0 and not triton_backend.SEPARATE_WIDTHS:
-        pytest.skip("these triton kernels take one head width (separate widths come with the `kern` branch)")
     torch.manual_seed(0)
     torch._dynamo.reset()
     block = Block(_config(pattern, backend, qk_ratio=qk_ratio, recompute=True), 0).cuda()

@@ -46,7 +46,7 @@ def _text(tmp_path, workers):
     (tmp_path / "corpus.bin").write_bytes(data)
     dm = ByteCorpusDataModule(paths=[str(tmp_path / "corpus.bin")], seq_len=SEQ, batch_size=2, num_workers=workers,
                               cache_dir=str(tmp_path / "cache"), train_samples=8, seed=5)
-    return dm, lambda: TextDensityModel(seq_len=SEQ, pattern=Fixed(4, 1), sample_length=0, **TINY)
+    return dm, lambda: TextDensityModel(seq_len=SEQ, pattern=Fixed(4, 1), **TINY)
 
 
 def _image(tmp_path, workers):
@@ -57,7 +57,7 @@ def _image(tmp_path, workers):
         (folder / name).write_bytes(cifar_batch(rng.integers(0, 256, (1, 3, 32, 32), dtype=np.uint8), [0], name))
     dm = CIFAR10DataModule(data_dir=str(tmp_path / "cifar"), batch_size=1, num_workers=workers, download=False,
                            file_md5s={}, val_size=1, seed=5)
-    return dm, lambda: ImageDensityModel(num_samples=0, num_completions=0, **TINY)
+    return dm, lambda: ImageDensityModel(**TINY)
 
 
 def _audio(tmp_path, workers):
@@ -67,7 +67,7 @@ def _audio(tmp_path, workers):
     dm = AudioDataModule(data_dir=str(tmp_path / "audio"), seq_len=SEQ, batch_size=2, num_workers=workers,
                          cache_dir=str(tmp_path / "cache"), val_fraction=0.2, test_fraction=0.2, train_samples=8,
                          decode_workers=0, seed=5)
-    return dm, lambda: AudioDensityModel(seq_len=SEQ, sample_length=0, **TINY)
+    return dm, lambda: AudioDensityModel(seq_len=SEQ, **TINY)
 
 
 def _fit(tmp_path, name, make, ckpt_path=None, max_steps=2 * K, every_n_epochs=None):
