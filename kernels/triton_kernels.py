@@ -677,7 +677,7 @@ def _bwd_kernel(Q, K, V, DO, GRAD_Q, GRAD_K, GRAD_V, LSE, DELTA, HEADS, STARTS, 
     don = sdon * groups
     gqn = sgqn * groups
     gvn = sgvn * groups
-    ACCb = ACC + (b * H + h) * n * DQK
+    ACCb = ACC + (b * H + h).to(tl.int64) * n * DQK  # the float32 buffer can pass 2^31 elements
     if FUSED:
         i0 = role * BN1
         if i0 < n_eff:
