@@ -2,8 +2,8 @@
 
 ``triton_attention(q, k, v, pattern, scale)`` validates its inputs (raising ``ValueError`` before any launch),
 looks up the cached launch plan of the pattern (:mod:`.launch_plan`), picks each launch's tiles (:mod:`.tiles`)
-and runs the kernels of :mod:`.triton_kernels` under an autograd function. Triton is imported only when a kernel is about to run, so
-``import lightning_sparse`` works without it.
+and runs the kernels of :mod:`.triton_kernels` under an autograd function. Triton is imported only when a kernel
+is about to run, so ``import lightning_sparse`` works without it.
 """
 
 from __future__ import annotations
@@ -233,8 +233,8 @@ def triton_attention(
 
     q, k are ``[batch, heads, n, d_qk]`` and v ``[batch, heads, n, d_v]`` (any strides; d_qk, d_v each 32, 64 or
     128), dtype bfloat16, float16 or float32, on CUDA (or on the CPU under ``TRITON_INTERPRET=1``); the result is
-    ``[batch, heads, n, d_v]``. ``scale`` defaults to ``1/sqrt(d_qk)``. Rows that see no key (possible only for standalone parts such as ``FixedSummary``)
-    give zeros.
+    ``[batch, heads, n, d_v]``. ``scale`` defaults to ``1/sqrt(d_qk)``. Rows that see no key (possible only for
+    standalone parts such as ``FixedSummary``) give zeros.
     """
     scale = _validate(q, k, v, pattern, scale)
     plan = launch_plan(pattern, q.shape[1])
