@@ -303,7 +303,8 @@ SWEEP = {
                            B_(32, 64, 64, 32, 4, 2)],
     ("bwd", "strided", 64): [B_(32, 64, 64, 32, 4, 2, 168, True, True), B_(64, 64, 64, 64, 4, 2, 168, True)],
     ("bwd", "natural", 64): [B_(32, 128, 128, 32, 8, 3, 128), B_(32, 128, 128, 64, 8, 4, 128),
-                             B_(32, 128, 128, 64, 8, 3, 128, ordered_dq=True), B_(64, 128, 128, 64, 8, 3, 0, ordered_dq=True),
+                             B_(32, 128, 128, 64, 8, 3, 128, ordered_dq=True),
+                             B_(64, 128, 128, 64, 8, 3, 0, ordered_dq=True),
                              B_(64, 64, 64, 64, 4, 3, 0, ordered_dq=True)],
     ("fwd", "local", 128): [F_(128, 64, 8, 3), F_(64, 64, 4, 3, one_loop=True)],
     ("fwd", "strided", 128): [F_(128, 64, 8, 3), F_(64, 64, 4, 3, one_loop=True)],
@@ -528,7 +529,8 @@ def print_paper_table(rows) -> None:
                     cols[2 * i + 1] = f"{o['fb_ms'] / r['fb_ms']:.1f}x"
         print(f"{r['shape']:10} {short(r['pattern']):28.28} {r['b']:3d} {r['h']:3d} {r['n']:8d} "
               f"{str(r['d']) + ',' + str(r['d_v']):>8} {r['method']:7} {r['fwd_ms']:9.3f} {r['fb_ms']:11.3f} "
-              f"{r['fb_tflops']:6.0f} " + " ".join(f"{c:>11}" for c in cols) + (f"  [{r['note']}]" if r["note"] else ""))
+              f"{r['fb_tflops']:6.0f} " + " ".join(f"{c:>11}" for c in cols)
+              + (f"  [{r['note']}]" if r["note"] else ""))
 
 
 def print_tables(rows, scaling):

@@ -636,12 +636,12 @@ def _bwd_kernel(Q, K, V, DO, GRAD_Q, GRAD_K, GRAD_V, LSE, DELTA, HEADS, STARTS, 
                 BN2: tl.constexpr, FUSED: tl.constexpr, ONE_LOOP: tl.constexpr, ORDERED_DQ: tl.constexpr,
                 F32: tl.constexpr):
     """dQ, dK, dV of one launch's parts; program ``pid0 // groups`` picks the role (see the module docstring).
-    GRAD_Q and GRAD_K share one layout (strides sgq*), GRAD_V has its own (sgv*). ``nks``: summary key tiles of the head with the
-    most summary cells (the host's count, so the roles line up across heads). ORDERED_DQ (summary launches): the
-    summary part's dQ comes from the summary key tiles, added in turn to ACC ([b, H, n, DQK] float32) under per-chunk
-    turn counters in TURNS (per (batch, head of the launch): a ticket counter, then one counter per BM1 query rows;
-    zeroed by the host); programs take their role from a ticket: query tiles first, then summary key tiles in order,
-    then band key tiles."""
+    GRAD_Q and GRAD_K share one layout (strides sgq*), GRAD_V has its own (sgv*). ``nks``: summary key tiles of the
+    head with the most summary cells (the host's count, so the roles line up across heads). ORDERED_DQ (summary
+    launches): the summary part's dQ comes from the summary key tiles, added in turn to ACC ([b, H, n, DQK] float32)
+    under per-chunk turn counters in TURNS (per (batch, head of the launch): a ticket counter, then one counter per
+    BM1 query rows; zeroed by the host); programs take their role from a ticket: query tiles first, then summary key
+    tiles in order, then band key tiles."""
     tl.static_assert(not (FUSED and SUMMARY != SUM_NONE), "the fused role computes band-only launches")
     tl.static_assert(not ORDERED_DQ or (SUMMARY != SUM_NONE and not MERGE and not FUSED),
                      "ordered dQ is for summary launches in the natural layout")
@@ -677,7 +677,7 @@ def _bwd_kernel(Q, K, V, DO, GRAD_Q, GRAD_K, GRAD_V, LSE, DELTA, HEADS, STARTS, 
     don = sdon * groups
     gqn = sgqn * groups
     gvn = sgvn * groups
-    ACCb = ACC + (b * H + h) * n * DQK
+    ACCb = ACC + (b * H + h).to(tl.int64) * n * DQK  # the float32 buffer can pass 2^31 elements
     if FUSED:
         i0 = role * BN1
         if i0 < n_eff:

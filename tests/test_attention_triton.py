@@ -183,7 +183,10 @@ ORDERED = [
     ("summary_upto", FixedSummary(12, 5), 75, 2, 1, 32, 32, "fp32"),
     ("headsplit_fixed_strided", HeadSplit((Fixed(16, 4, (0, 1)), Strided(8))), 64, 4, 1, 32, 64, "fp32"),
 ]
-ORDERED_TILES = [BwdTiles(16, 32, 32, 16, stages=1, ordered_dq=True), BwdTiles(32, 16, 16, 32, stages=1, ordered_dq=True)]
+ORDERED_TILES = [
+    BwdTiles(16, 32, 32, 16, stages=1, ordered_dq=True),
+    BwdTiles(32, 16, 16, 32, stages=1, ordered_dq=True),
+]
 
 
 @in_child
