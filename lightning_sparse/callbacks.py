@@ -32,7 +32,7 @@ __all__ = [
 
 def safety_callbacks() -> list[Callback]:
     """One of each training-safety callback, in the order they should run."""
-    return [AtomicCheckpoints(), StopOnDivergence(), LastCheckpointOnStop(), TimeLimitPerRun()]
+    return [AtomicCheckpoints(), StopOnDivergence(), TimeLimitPerRun(), LastCheckpointOnStop()]
 
 
 class AtomicCheckpoints(Callback):
@@ -116,6 +116,28 @@ class LastCheckpointOnStop(Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt):
             self._save_last(trainer, "interrupted")
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """A save after a stop in mid-epoch (``max_steps``, ``max_time``): record the loops as a save at the last
+        batch's ``on_train_batch_end`` would, so a resume continues inside the epoch.
+
+        When a run stops mid-epoch, Lightning 2.6 still marks the epoch processed (before ``on_train_epoch_end``) and
+        completed (before ``on_train_end``), so a checkpoint saved there (by this callback or by ModelCheckpoint)
+        would resume at the next epoch and skip the rest of this one; the data loader's own position is right.
+        """
+        loops = checkpoint.get("loops", {}).get("fit_loop")
+        if loops is None:
+            return
+        epochs, batches = loops["epoch_progress"], loops["epoch_loop.batch_progress"]
+        if epochs["current"]["processed"] < epochs["current"]["started"] or batches["is_last_batch"]:
+            return  # inside an epoch, or at its real end
+        for part in ("total", "current"):
+            epochs[part]["processed"] = epochs[part]["completed"] = epochs[part]["started"] - 1
+        if batches["current"]["completed"] == batches["current"]["processed"]:  # as before the batch completed
+            for part in ("total", "current"):
+                batches[part]["completed"] -= 1
+            loops["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1  # Lightning adds it back on restart
+        checkpoint["epoch"] = epochs["current"]["completed"]
 
     @staticmethod
     def _save_last(trainer: L.Trainer, why: str) -> None:
