@@ -54,10 +54,11 @@ class DivergedError(RuntimeError):
 def _fix_hint(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
     lr = getattr(pl_module, "lr", None)
     clip = trainer.gradient_clip_val
+    clipping = ("gradient clipping (trainer.gradient_clip_val=1.0, now off)" if not clip else
+                f"a smaller gradient clipping value (trainer.gradient_clip_val, now {clip:g})")
     return (
         f"Try a lower learning rate (model.lr{f' = {lr:g}' if lr is not None else ''}), a longer warmup "
-        f"(model.warmup_steps) or gradient clipping (trainer.gradient_clip_val=1.0"
-        f"{', now off' if not clip else f', now {clip:g}'}); resume from the last good checkpoint with --ckpt_path."
+        f"(model.warmup_steps) or {clipping}; resume from the last good checkpoint with --ckpt_path."
     )
 
 

@@ -1,7 +1,9 @@
 """``DensityModel``: the LightningModule base shared by every modality (text, images, audio).
 
-It owns the next-byte loss, the bits-per-dim metrics, the optimizer and learning-rate schedule, building the network
-in ``configure_model`` and sampling at the end of validation. Modalities are thin subclasses that override hooks.
+It owns the next-byte loss, the bits-per-dim metrics, the optimizer and learning-rate schedule (refitted to the run's
+length on resume), building the network in ``configure_model``, sampling at the end of validation, and adds the
+training-safety callbacks of :mod:`lightning_sparse.callbacks` (atomic checkpoints, divergence stop, ``last.ckpt`` at
+every stop). Modalities are thin subclasses that override hooks.
 """
 
 from __future__ import annotations
@@ -357,7 +359,8 @@ class DensityModel(L.LightningModule):
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             lambdas = getattr(scheduler, "lr_lambdas", [])
-            stale = [f for f in lambdas if isinstance(f, WarmupCosine) and (f.warmup_steps, f.total_steps) != (warmup, total)]
+            stale = [f for f in lambdas
+                     if isinstance(f, WarmupCosine) and (f.warmup_steps, f.total_steps) != (warmup, total)]
             if not stale:
                 continue
             rank_zero_info(
