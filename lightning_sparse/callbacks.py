@@ -94,7 +94,9 @@ class StopOnDivergence(Callback):
         )
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        params = [p.detach() for p in pl_module.parameters() if p.numel() and not p.is_meta]
+        # Each process checks its own shard (FSDP/DTensor parameters: the local part); any bad shard stops all.
+        params = [getattr(p, "to_local", lambda p=p: p)().detach() for p in pl_module.parameters()]
+        params = [p for p in params if p.numel() and not p.is_meta]
         bad = bool(params) and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
         if trainer.strategy.reduce_boolean_decision(bad, all=False):
             raise DivergedError(
