@@ -36,8 +36,8 @@ class ByteDataModule(L.LightningDataModule):
     Subclasses download/verify/preprocess in `prepare` and name the folder it writes in `prepare_folder`;
     `prepare_data` (Lightning calls it once per node) runs `prepare` holding that folder's lock, so concurrent jobs
     or nodes sharing the folder prepare it once. `setup` (every process) sets `self.train_set`,
-    `self.train_sampler` (an order that is a function of (seed, epoch)), `self.val_set` and `self.test_set` in
-    `setup` (every process). The training loader is a `ResumableLoader`: its position in the epoch goes into
+    `self.train_sampler` (an order that is a function of (seed, epoch)), `self.val_set` and `self.test_set`. The
+    training loader is a `ResumableLoader`: its position in the epoch goes into
     Lightning's checkpoints and a resumed run continues with exactly the batches the uninterrupted run would have
     seen. `predict_dataloader` serves the test set.
     """
@@ -95,7 +95,7 @@ class ByteDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Under DDP Lightning wraps the sampler in a DistributedSamplerWrapper: ranks share one seeded draw.
-        if self.train_sampler is None:
+        if self.train_set is not None and self.train_sampler is None:
             raise RuntimeError(f"{type(self).__name__}.setup() set no train_sampler; training needs a seeded order")
         return self._loader(self.train_set, "training", self.train_sampler, ResumableLoader)
 

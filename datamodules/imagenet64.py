@@ -25,6 +25,7 @@ CHRABASZCZ_SOURCE = "https://image-net.org/download-images (login), 'Downsampled
 CHRABASZCZ_FILES = {"train": [f"train_data_batch_{i}" for i in range(1, 11)], "test": ["val_data"]}
 CHRABASZCZ_ARCHIVES = {"train": ["Imagenet64_train_part1", "Imagenet64_train_part2"], "test": ["Imagenet64_val"]}
 PNG_CHUNK = 256  # images per task sent to a decoding process
+MAX_PNG_BYTES = 1 << 20  # a 64x64 RGB PNG holds 12,288 bytes of pixels; a member this large is not one
 
 
 def _decode_pngs(items: list[tuple[str, bytes | None]]) -> np.ndarray:
@@ -150,6 +151,10 @@ class ImageNet64DataModule(RecordDataModule):
         if not members:
             tar.close()
             raise FileNotFoundError(f"{archive} contains no .png files; is it {OORD_SPLITS[split]}.tar?")
+        if large := next((m for m in members if m.size > MAX_PNG_BYTES), None):
+            tar.close()
+            raise ValueError(f"{archive}: member {large.name!r} declares {large.size} bytes, more than a 64x64 PNG "
+                             f"can take ({MAX_PNG_BYTES}); is it {OORD_SPLITS[split]}.tar?")
 
         def from_tar() -> Iterator[list[tuple[str, bytes | None]]]:
             with tar:

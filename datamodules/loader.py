@@ -6,7 +6,8 @@ before it creates the epoch's iterator (`FitLoop.setup_data`). The position is t
 has handed to the training loop in the current epoch: Lightning's fetcher does not read ahead of a sized loader,
 so that is the number of batches the loop consumed, whatever the workers and the sampler prefetched. A resumed
 epoch draws the same indices (the samplers are functions of (seed, epoch)) and skips the consumed batches at the
-index level, without loading their data.
+index level, without loading their data. Not covered: `reload_dataloaders_every_n_epochs` (a new loader object
+each time starts from the sampler's epoch).
 """
 
 from __future__ import annotations
@@ -16,58 +17,73 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from lightning.fabric.utilities.data import _set_sampler_epoch
 from torch.utils.data import DataLoader
 
 log = logging.getLogger(__name__)
 
 
-class _SkippableBatches:
-    """The loader's batch sampler with a one-shot skip of its first `skip` batches (index lists only, no data)."""
+class _PositionedBatches:
+    """The loader's batch sampler drawn for a given epoch from a given batch on (index lists only, no data).
 
-    def __init__(self, batch_sampler: Any) -> None:
-        self.batch_sampler = batch_sampler
-        self.skip = 0
+    The epoch is set on the samplers at the first draw, after any `set_epoch` Lightning made before it.
+    """
+
+    def __init__(self, batch_sampler: Any, samplers: list[Any]) -> None:
+        self.batch_sampler, self.samplers = batch_sampler, samplers
+        self.epoch, self.start = 0, 0
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
 
     def __iter__(self) -> Iterator[list[int]]:
-        # A generator: the skip is taken at the first draw, not when torch calls iter() (it does twice per epoch).
-        skip, self.skip = self.skip, 0
-        yield from itertools.islice(iter(self.batch_sampler), skip, None)
+        # A generator: torch calls iter() twice per epoch and only draws from the second; nothing runs before.
+        for sampler in self.samplers:
+            sampler.set_epoch(self.epoch)
+        yield from itertools.islice(iter(self.batch_sampler), self.start, None)
 
 
-def _sampler_epoch(loader: DataLoader) -> int:
-    """The epoch the loader's sampler draws (Lightning calls `set_epoch` on it; under DDP on its wrapper)."""
-    return int(getattr(loader.sampler, "epoch", 0))
+def _epoch_samplers(loader: DataLoader) -> list[Any]:
+    """The loader's samplers that take `set_epoch` (its sampler, and its batch sampler's, once each)."""
+    found = {id(s): s for s in (loader.sampler, getattr(loader.batch_sampler, "sampler", None))
+             if callable(getattr(s, "set_epoch", None))}
+    return list(found.values())
 
 
 class ResumableLoader(DataLoader):
     """A `DataLoader` (same arguments) whose `state_dict` is its position in the epoch, for exact resume.
 
-    State: `{"epoch", "batches", "batch_size"}` — the sampler's epoch and the batches of it yielded so far.
-    `load_state_dict` sets the sampler to that epoch and makes the next iteration skip those batches; the sampler
-    must draw the same order again for the same epoch (`RandomWindowSampler`, `SeededShuffleSampler` and
-    Lightning's `DistributedSampler` do; torch's unseeded `RandomSampler` does not).
+    State: `{"epoch", "batches", "batch_size"}` — the epoch being drawn and the batches of it handed out so far.
+    The loader counts epochs itself: its first iteration draws the sampler's epoch (0, or what Lightning set), each
+    iteration after one that yielded batches the next epoch, an iteration after one that yielded nothing the same
+    position again (Lightning creates a spare iterator when it sets up), and the first iteration after
+    `load_state_dict` the restored position. (Lightning's own `set_epoch` count runs one ahead after a resume from
+    an end-of-epoch checkpoint.) The sampler must draw the same order again for the same epoch:
+    `RandomWindowSampler`, `SeededShuffleSampler` and Lightning's `DistributedSamplerWrapper` around them do.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.batch_sampler is None:
             raise ValueError("ResumableLoader needs batches (batch_size=None is not supported)")
-        self._batches = _SkippableBatches(self.batch_sampler)
-        self._epoch = _sampler_epoch(self)
-        self._yielded = 0
+        self._batches = _PositionedBatches(self.batch_sampler, _epoch_samplers(self))
+        self._pending: tuple[int, int] | None = None  # a restored (epoch, batches) for the next iteration
+        self._iterated = False
+        self._yielded = 0  # batches the current iteration has yielded (after its start)
 
     @property
-    def _index_sampler(self) -> _SkippableBatches:
+    def _index_sampler(self) -> _PositionedBatches:
         # torch's iterators take their index lists from here (also a persistent-worker iterator, for every epoch).
         return self._batches
 
     def __iter__(self) -> Iterator[Any]:
-        self._epoch = _sampler_epoch(self)
-        self._yielded = self._batches.skip  # the batches a restored position skips count as consumed
+        b = self._batches
+        if self._pending is not None:
+            (b.epoch, b.start), self._pending = self._pending, None
+        elif not self._iterated:
+            b.epoch, b.start = int(getattr(self.sampler, "epoch", 0)), 0
+        elif self._yielded:
+            b.epoch, b.start = b.epoch + 1, 0
+        self._iterated, self._yielded = True, 0
         return self._counted(super().__iter__())
 
     def _counted(self, batches: Iterator[Any]) -> Iterator[Any]:
@@ -77,9 +93,13 @@ class ResumableLoader(DataLoader):
 
     def state_dict(self) -> dict[str, int]:
         """The position: the epoch being drawn and the batches of it handed out so far."""
-        if self._yielded >= len(self):  # the epoch is complete: resume at the start of the next one
-            return {"epoch": self._epoch + 1, "batches": 0, "batch_size": self.batch_size}
-        return {"epoch": self._epoch, "batches": self._yielded, "batch_size": self.batch_size}
+        if self._pending is not None:  # restored but not iterated yet: still that position
+            epoch, batches = self._pending
+        else:
+            epoch, batches = self._batches.epoch, self._batches.start + self._yielded
+        if batches >= len(self):  # the epoch is complete: resume at the start of the next one
+            epoch, batches = epoch + 1, 0
+        return {"epoch": epoch, "batches": batches, "batch_size": self.batch_size}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         """Restore a position saved by `state_dict`: the next iteration continues that epoch after those batches."""
@@ -94,5 +114,4 @@ class ResumableLoader(DataLoader):
             raise ValueError(f"the checkpoint's training position (epoch {epoch}, batch {batches}) lies beyond this "
                              f"loader's {len(self)} batches per epoch; the training data changed since the "
                              "checkpoint: resume with the same data settings, or start a new run")
-        _set_sampler_epoch(self, epoch)
-        self._epoch, self._batches.skip = epoch, batches
+        self._pending = (epoch, batches)

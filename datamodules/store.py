@@ -71,6 +71,12 @@ def _blake2b() -> Any:
     return hashlib.blake2b(digest_size=20)
 
 
+def _blake2b_of(data: bytes) -> str:
+    h = _blake2b()
+    h.update(data)
+    return h.hexdigest()
+
+
 def file_blake2b(path: str | os.PathLike) -> str:
     """blake2b (160 bits) of a file's bytes."""
     h = _blake2b()
@@ -107,12 +113,6 @@ class SourceReader:
         self.sources.append({"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "quick": quick,
                              "blake2b": _blake2b_of(data)})
         return data
-
-
-def _blake2b_of(data: bytes) -> str:
-    h = _blake2b()
-    h.update(data)
-    return h.hexdigest()
 
 
 def write_cache(cache: str | os.PathLike, chunks: Iterable[bytes | np.ndarray], meta: Mapping[str, Any],

@@ -286,3 +286,14 @@ def test_manifest_records_content_hashes(tmp_path):
     expected = hashlib.blake2b(b"hash me" * 100, digest_size=20).hexdigest()
     assert manifest["blake2b"] == expected and manifest["sources"][0]["blake2b"] == expected
     assert manifest["sources"][0]["path"] == str(path.resolve()) and manifest["sources"][0]["size"] == 700
+
+
+def test_oversized_png_member_of_an_oord_tar_is_refused(tmp_path):
+    from lightning_sparse.datamodules import ImageNet64DataModule
+
+    root = tmp_path / "in64"
+    root.mkdir()
+    (root / "train_64x64.tar").write_bytes(tar_bytes({"train_64x64/0.png": bytes(2 << 20)}, mode="w"))
+    dm = ImageNet64DataModule(data_dir=str(root), download=False, val_size=0, decode_workers=0)
+    with pytest.raises(ValueError, match="member 'train_64x64/0.png' declares 2097152 bytes, more than a 64x64 PNG"):
+        dm.prepare_data()

@@ -70,13 +70,13 @@ def _audio(tmp_path, workers):
     return dm, lambda: AudioDensityModel(seq_len=SEQ, sample_length=0, **TINY)
 
 
-def _fit(tmp_path, name, make, ckpt_path=None):
+def _fit(tmp_path, name, make, ckpt_path=None, max_steps=2 * K, every_n_epochs=None):
     dm, model_fn = make
     L.seed_everything(0)
     model, record = model_fn(), Record()
-    checkpoints = ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=K, save_top_k=-1,
-                                  filename="{step}")
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2 * K, logger=False, enable_progress_bar=False,
+    when = dict(every_n_epochs=every_n_epochs) if every_n_epochs else dict(every_n_train_steps=K)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / name, save_top_k=-1, filename="{step}", **when)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, callbacks=[record, checkpoints],
                         default_root_dir=tmp_path)
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
@@ -100,22 +100,43 @@ def test_resumed_run_matches_the_uninterrupted_run(tmp_path, data, workers):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
+def test_resume_from_an_end_of_epoch_checkpoint(tmp_path, workers):
+    # Saved at the end of epoch 0 (step 4): the resumed run starts epoch 1 with its first batch. Lightning's own
+    # set_epoch count runs one ahead here; the loader's count does not.
+    make = _text(tmp_path, workers)
+    full, full_val = _fit(tmp_path, "full", make, max_steps=10, every_n_epochs=1)
+    resumed, resumed_val = _fit(tmp_path, "resumed", make, ckpt_path=tmp_path / "full" / "step=4.ckpt",
+                                max_steps=10, every_n_epochs=1)
+    assert len(resumed.batches) == 6
+    assert all(torch.equal(a, b) for a, b in zip(full.batches[4:], resumed.batches, strict=True))
+    assert torch.equal(torch.stack(full.losses[4:]), torch.stack(resumed.losses)) and resumed_val == full_val
+
+
+@pytest.mark.parametrize("workers", [0, 2])
 def test_loader_position_counts_consumed_batches_not_prefetched_ones(tmp_path, workers):
     dm, _ = _text(tmp_path, workers)
     dm.prepare_data()
     dm.setup("fit")
+    epoch0 = list(dm.train_dataloader())
     loader = dm.train_dataloader()
     assert isinstance(loader, ResumableLoader) and len(loader) == 4
-    epoch0 = list(loader)
     it = iter(loader)
     next(it)
     next(it)  # with workers, the sampler and the workers are already further ahead
     assert loader.state_dict() == {"epoch": 0, "batches": 2, "batch_size": 2}
     fresh = dm.train_dataloader()
     fresh.load_state_dict(loader.state_dict())
+    assert fresh.state_dict() == {"epoch": 0, "batches": 2, "batch_size": 2}  # restored, not yet iterated
     rest = list(fresh)
     assert len(rest) == 2 and all(torch.equal(a, b) for a, b in zip(rest, epoch0[2:], strict=True))
     assert fresh.state_dict() == {"epoch": 1, "batches": 0, "batch_size": 2}  # a finished epoch: the next one
+    epoch1 = list(fresh)
+    assert not any(torch.equal(a, b) for a, b in zip(epoch1, epoch0, strict=True))  # the next epoch's crops
+    iter(fresh)  # an iterator never used (Lightning makes one when it sets up) does not count as an epoch
+    epoch2 = torch.cat(list(fresh))
+    reference = RandomWindowSampler(len(dm.train_set), 8, seed=5)
+    reference.set_epoch(2)
+    assert torch.equal(epoch2, torch.stack([dm.train_set[i] for i in reference]))
     with pytest.raises(ValueError, match="beyond this loader's 4 batches per epoch"):
         fresh.load_state_dict({"epoch": 0, "batches": 9, "batch_size": 2})
 
