@@ -32,7 +32,7 @@ __all__ = [
 
 def safety_callbacks() -> list[Callback]:
     """One of each training-safety callback, in the order they should run."""
-    return [AtomicCheckpoints(), StopOnDivergence(), LastCheckpointOnStop(), TimeLimitPerRun()]
+    return [AtomicCheckpoints(), StopOnDivergence(), TimeLimitPerRun(), LastCheckpointOnStop()]
 
 
 class AtomicCheckpoints(Callback):
@@ -54,10 +54,11 @@ class DivergedError(RuntimeError):
 def _fix_hint(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
     lr = getattr(pl_module, "lr", None)
     clip = trainer.gradient_clip_val
+    clipping = ("gradient clipping (trainer.gradient_clip_val=1.0, now off)" if not clip else
+                f"a smaller gradient clipping value (trainer.gradient_clip_val, now {clip:g})")
     return (
         f"Try a lower learning rate (model.lr{f' = {lr:g}' if lr is not None else ''}), a longer warmup "
-        f"(model.warmup_steps) or gradient clipping (trainer.gradient_clip_val=1.0"
-        f"{', now off' if not clip else f', now {clip:g}'}); resume from the last good checkpoint with --ckpt_path."
+        f"(model.warmup_steps) or {clipping}; resume from the last good checkpoint with --ckpt_path."
     )
 
 
@@ -93,7 +94,9 @@ class StopOnDivergence(Callback):
         )
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        params = [p.detach() for p in pl_module.parameters() if p.numel() and not p.is_meta]
+        # Each process checks its own shard (FSDP/DTensor parameters: the local part); any bad shard stops all.
+        params = [getattr(p, "to_local", lambda p=p: p)().detach() for p in pl_module.parameters()]
+        params = [p for p in params if p.numel() and not p.is_meta]
         bad = bool(params) and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
         if trainer.strategy.reduce_boolean_decision(bad, all=False):
             raise DivergedError(
@@ -116,6 +119,28 @@ class LastCheckpointOnStop(Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt):
             self._save_last(trainer, "interrupted")
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """A save after a stop in mid-epoch (``max_steps``, ``max_time``): record the loops as a save at the last
+        batch's ``on_train_batch_end`` would, so a resume continues inside the epoch.
+
+        When a run stops mid-epoch, Lightning 2.6 still marks the epoch processed (before ``on_train_epoch_end``) and
+        completed (before ``on_train_end``), so a checkpoint saved there (by this callback or by ModelCheckpoint)
+        would resume at the next epoch and skip the rest of this one; the data loader's own position is right.
+        """
+        loops = checkpoint.get("loops", {}).get("fit_loop")
+        if loops is None:
+            return
+        epochs, batches = loops["epoch_progress"], loops["epoch_loop.batch_progress"]
+        if epochs["current"]["processed"] < epochs["current"]["started"] or batches["is_last_batch"]:
+            return  # inside an epoch, or at its real end
+        for part in ("total", "current"):
+            epochs[part]["processed"] = epochs[part]["completed"] = epochs[part]["started"] - 1
+        if batches["current"]["completed"] == batches["current"]["processed"]:  # as before the batch completed
+            for part in ("total", "current"):
+                batches[part]["completed"] -= 1
+            loops["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1  # Lightning adds it back on restart
+        checkpoint["epoch"] = epochs["current"]["completed"]
 
     @staticmethod
     def _save_last(trainer: L.Trainer, why: str) -> None:

@@ -1,8 +1,10 @@
 """``DensityModel``: the LightningModule base shared by every modality (text, images, audio).
 
-It owns the next-byte loss, the bits-per-dim metrics, the optimizer and learning-rate schedule and building the
-network in ``configure_model``. Modalities are thin subclasses that override hooks. Samples during training are
-Lightning callbacks (``lightning_sparse.sample_logging``).
+It owns the next-byte loss, the bits-per-dim metrics, the optimizer and learning-rate schedule (refitted to the run's
+length on resume) and building the network in ``configure_model`` (then sharding and compiling it), and adds the
+training-safety callbacks of :mod:`lightning_sparse.callbacks` (atomic checkpoints, divergence stop, ``last.ckpt`` at
+every stop). Modalities are thin subclasses that override hooks. Samples during training are Lightning callbacks
+(``lightning_sparse.sample_logging``).
 """
 
 from __future__ import annotations
@@ -347,7 +349,8 @@ class DensityModel(L.LightningModule):
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             lambdas = getattr(scheduler, "lr_lambdas", [])
-            stale = [f for f in lambdas if isinstance(f, WarmupCosine) and (f.warmup_steps, f.total_steps) != (warmup, total)]
+            stale = [f for f in lambdas
+                     if isinstance(f, WarmupCosine) and (f.warmup_steps, f.total_steps) != (warmup, total)]
             if not stale:
                 continue
             rank_zero_info(

@@ -230,3 +230,27 @@ def test_max_time_stop_leaves_room_for_the_final_validation(tmp_path, caplog):
     assert trainer.global_step == 3 and validated == [2, 3]  # stopped one step later, then the final validation ran
     assert "final validation takes about 3600 s" in caplog.text
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_cli_resume_is_bit_identical_to_the_uninterrupted_run(tmp_path):
+    def config(name: str) -> Path:
+        path = tiny_config(tmp_path, name=name, max_steps=10, val_check_interval=5, check_val_every_n_epoch=None,
+                           limit_val_batches=2)
+        values = yaml.safe_load(path.read_text())
+        values["data"]["init_args"]["train_samples"] = 16  # epochs of 4 steps: the resumed part crosses two
+        # A fixed schedule length, so the interrupted run (max_steps=3) trains its steps at the full run's rates.
+        values["model"]["init_args"].update(decay_steps=10, sample_length=0)
+        path.write_text(yaml.safe_dump(values))
+        return path
+
+    cli_main(["fit", "--config", str(config("whole"))])
+    cut = config("cut")
+    cli_main(["fit", "--config", str(cut), "--trainer.max_steps=3"])  # stops mid-epoch, between validations
+    last = tmp_path / "runs" / "cut" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    cli_main(["fit", "--config", str(cut), "--ckpt_path", str(last)])
+
+    whole, resumed = tmp_path / "runs" / "whole" / "version_0", tmp_path / "runs" / "cut" / "version_0"
+    assert dict(scalars(resumed, "train/loss")) == dict(scalars(whole, "train/loss"))  # all 10 steps, bit for bit
+    assert len(scalars(whole, "train/loss")) == 10
+    assert scalars(resumed, "val/bpd") == scalars(whole, "val/bpd") and len(scalars(whole, "val/bpd")) == 2

@@ -61,6 +61,17 @@ def test_an_image_config_whose_seq_len_is_not_its_image_size_names_the_key(capsy
     assert "seq_len" in err.splitlines()[0] and "seq_len=3000 but image_shape=(32, 32, 3)" in err
 
 
+def test_a_diverging_cli_run_ends_with_one_message(tmp_path, capsys):
+    status, err = run_cli(["fit", "--config", str(tiny_config(tmp_path)), "--model.init_args.lr=1000",
+                           "--trainer.max_steps=60", "--model.init_args.sample_length=0"], capsys)
+    assert status == 1 and len(err.strip().splitlines()) == 2, err
+    assert err.startswith("error: DivergedError: The training loss diverged: it is nan in optimizer step ")
+    assert "a smaller gradient clipping value (trainer.gradient_clip_val, now 1)" in err
+    for path in (tmp_path / "runs").rglob("*.ckpt"):
+        weights = torch.load(path, weights_only=True)["state_dict"].values()
+        assert all(torch.isfinite(w).all() for w in weights if w.is_floating_point())
+
+
 def test_debug_flag_and_environment_variable_give_the_full_traceback(tmp_path, capsys, monkeypatch):
     args = ["fit", "--config", str(tiny_config(tmp_path)), "--model.init_args.lr=-1"]
     with pytest.raises(ValueError, match="lr must be a finite number") as error:
