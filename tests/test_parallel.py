@@ -244,7 +244,9 @@ def test_norm_clipping_under_fsdp_goes_through_the_root_module():
 
 def test_weight_decay_groups_survive_flattened_parameters():
     """FSDP1 turns parameters into flat 1-D shard views; the decay groups use the shapes recorded at build time."""
-    model = TextDensityModel(seq_len=16, n_layer=2, n_head=2, d_model=16, pattern=Fixed(4, 1), warmup_steps=2, decay_steps=100)
+    model = TextDensityModel(
+        seq_len=16, n_layer=2, n_head=2, d_model=16, pattern=Fixed(4, 1), warmup_steps=2, decay_steps=100
+    )
     model.configure_model()
     expected = [len(g["params"]) for g in model.configure_optimizers()["optimizer"].param_groups]
     for p in model.model.parameters():
