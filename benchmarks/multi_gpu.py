@@ -47,6 +47,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 SCALING_CONFIGS = ("enwik8", "imagenet64", "audio_65k")
+OOM_MARKER = "lightning-sparse benchmark: out of memory on"
 NETWORK_FIELDS = ("n_layer", "n_head", "d_model", "ff_mult", "qk_ratio", "dropout", "pattern", "position_shape",
                   "start_token", "attention_backend", "recompute")
 
@@ -140,7 +141,11 @@ def state_bytes(network: torch.nn.Module, optimizer: torch.optim.Optimizer) -> d
 
 
 def worker(job: dict) -> None:
-    """Time ``job["modes"]`` on this process group; rank 0 writes one row per mode to ``job["out"]``."""
+    """Time ``job["modes"]`` on this process group; rank 0 writes the rows to ``job["out"]`` after every mode.
+
+    Out of memory on any rank ends the job at once (``os._exit``: torchrun stops the other ranks, which could
+    otherwise wait in a collective until the process-group timeout); the driver marks the modes left as failed.
+    """
     import torch.distributed as dist
     import torch.nn.functional as F
 
@@ -161,18 +166,15 @@ def worker(job: dict) -> None:
         try:
             row.update(measure(job, mode, device, rank, world, parallel, F))
         except torch.OutOfMemoryError:
-            row["error"] = "out of memory"
-        failed = torch.tensor([int("error" in row)], device=device)
-        dist.all_reduce(failed)  # any rank out of memory: the row failed (the others may have finished)
-        if failed.item() and "error" not in row:
-            row["error"] = "out of memory on another rank"
+            # The other ranks may wait in a collective forever: leave at once, torchrun then stops them all.
+            print(f"{OOM_MARKER} rank {rank}, {mode}", file=sys.stderr, flush=True)
+            os._exit(3)
         rows.append(row)
         if cuda:
             torch.cuda.empty_cache()
-        if rank == 0:
+        if rank == 0:  # after every mode, so a later failure keeps the rows measured before it
+            Path(job["out"]).write_text(json.dumps(rows))
             print(json.dumps(row), file=sys.stderr, flush=True)
-    if rank == 0:
-        Path(job["out"]).write_text(json.dumps(rows))
     dist.destroy_process_group()
 
 
@@ -269,12 +271,13 @@ def launch(job: dict, nproc: int, timeout: float) -> list[dict]:
         except subprocess.TimeoutExpired:
             return [{**failed_row(job, m, nproc), "error": f"no result within {timeout:.0f} s"} for m in job["modes"]]
         rows_file = Path(job["out"])
-        if result.returncode != 0 or not rows_file.is_file():
-            tail = (result.stderr or "").strip().splitlines()[-3:]
-            print("\n".join(tail), file=sys.stderr)
-            error = "out of memory" if "OutOfMemory" in (result.stderr or "") else f"exit {result.returncode}"
-            return [{**failed_row(job, m, nproc), "error": error} for m in job["modes"]]
-        return json.loads(rows_file.read_text())
+        rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
+        if result.returncode != 0 or len(rows) < len(job["modes"]):
+            stderr = result.stderr or ""
+            print("\n".join(stderr.strip().splitlines()[-3:]), file=sys.stderr)
+            error = "out of memory" if OOM_MARKER in stderr or "OutOfMemory" in stderr else f"exit {result.returncode}"
+            rows += [{**failed_row(job, m, nproc), "error": error} for m in job["modes"][len(rows):]]
+        return rows
 
 
 def failed_row(job: dict, mode: str, nproc: int) -> dict:
