@@ -81,7 +81,7 @@ def test_fsdp2_sharded_checkpoint_consolidates_and_validates_on_one_process(runs
     assert consolidated == folder.with_name("step=4.ckpt.consolidated.ckpt")
     checkpoint = torch.load(consolidated, weights_only=True)
     assert "model.blocks.0.attn.qkv.weight" in checkpoint["state_dict"]  # plain keys, full tensors
-    assert checkpoint["state_dict"]["model.blocks.0.attn.qkv.weight"].shape == (96, 32)
+    assert checkpoint["state_dict"]["model.blocks.0.attn.qkv.weight"].shape == (192, 64)
     assert len(checkpoint["optimizer_states"]) == 1 and checkpoint["global_step"] == 4
     single = run(tmp, "validate", "--validate", str(consolidated))
     assert single["world_size"] == 1
