@@ -18,7 +18,11 @@ Reported per row: tokens/s over all GPUs (median step after ``--warmup`` untimed
 slowest rank's), scaling against 1 GPU, peak allocated memory of the busiest GPU, and the bytes of parameters +
 gradients + optimizer state that one GPU holds (its local shards under FSDP2), which sharding over 2 GPUs should halve.
 The context search trains the audio 65,536 network (48 layers × 512) at batch 1 per GPU with stride 2^⌈log2(n)/2⌉
-(the paper's l ≈ √n), doubling n from 65,536 until a step fails (out of memory or a hang past ``--timeout``).
+(the paper's l ≈ √n), doubling n from 65,536 until a step fails (out of memory or a hang past ``--timeout``);
+1 untimed and 2 timed steps per context.
+
+Estimated from the one-GPU step times in the README (not measured: never run on GPUs): ``scaling`` about 5
+minutes (6 jobs; pass ``--configs`` to split it), ``context`` about 5–8 minutes up to the first failure.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 SCALING_CONFIGS = ("enwik8", "imagenet64", "audio_65k")
+OOM_MARKER = "lightning-sparse benchmark: out of memory on"
 NETWORK_FIELDS = ("n_layer", "n_head", "d_model", "ff_mult", "qk_ratio", "dropout", "pattern", "position_shape",
                   "start_token", "attention_backend", "recompute")
 
@@ -64,7 +69,8 @@ def resolve(value: Any) -> Any:
 def read_config(name: str) -> dict:
     path = CONFIGS / f"{name}.yaml"
     if not path.is_file():
-        raise SystemExit(f"{path} does not exist; choose from {', '.join(p.stem for p in sorted(CONFIGS.glob('*.yaml')))}")
+        names = ", ".join(p.stem for p in sorted(CONFIGS.glob("*.yaml")))
+        raise SystemExit(f"{path} does not exist; choose from {names}")
     return yaml.safe_load(path.read_text())
 
 
@@ -135,7 +141,11 @@ def state_bytes(network: torch.nn.Module, optimizer: torch.optim.Optimizer) -> d
 
 
 def worker(job: dict) -> None:
-    """Time ``job["modes"]`` on this process group; rank 0 writes one row per mode to ``job["out"]``."""
+    """Time ``job["modes"]`` on this process group; rank 0 writes the rows to ``job["out"]`` after every mode.
+
+    Out of memory on any rank ends the job at once (``os._exit``: torchrun stops the other ranks, which could
+    otherwise wait in a collective until the process-group timeout); the driver marks the modes left as failed.
+    """
     import torch.distributed as dist
     import torch.nn.functional as F
 
@@ -156,18 +166,15 @@ def worker(job: dict) -> None:
         try:
             row.update(measure(job, mode, device, rank, world, parallel, F))
         except torch.OutOfMemoryError:
-            row["error"] = "out of memory"
-        failed = torch.tensor([int("error" in row)], device=device)
-        dist.all_reduce(failed)  # any rank out of memory: the row failed (the others may have finished)
-        if failed.item() and "error" not in row:
-            row["error"] = "out of memory on another rank"
+            # The other ranks may wait in a collective forever: leave at once, torchrun then stops them all.
+            print(f"{OOM_MARKER} rank {rank}, {mode}", file=sys.stderr, flush=True)
+            os._exit(3)
         rows.append(row)
         if cuda:
             torch.cuda.empty_cache()
-        if rank == 0:
+        if rank == 0:  # after every mode, so a later failure keeps the rows measured before it
+            Path(job["out"]).write_text(json.dumps(rows))
             print(json.dumps(row), file=sys.stderr, flush=True)
-    if rank == 0:
-        Path(job["out"]).write_text(json.dumps(rows))
     dist.destroy_process_group()
 
 
@@ -242,7 +249,8 @@ def measure(job: dict, mode: str, device: torch.device, rank: int, world: int, p
         "tokens_per_s": world * job["batch"] * seq_len / step_s,
         "peak_gib": peak.item() / 2**30 if cuda else None,
         "state_mib": state.sum().item() / 2**20,
-        "state_split_mib": dict(zip(("params", "grads", "optim"), (round(v / 2**20, 2) for v in state.tolist()), strict=True)),
+        "state_split_mib": {k: round(v / 2**20, 2) for k, v in zip(("params", "grads", "optim"), state.tolist(),
+                                                                    strict=True)},
     }
 
 
@@ -263,12 +271,13 @@ def launch(job: dict, nproc: int, timeout: float) -> list[dict]:
         except subprocess.TimeoutExpired:
             return [{**failed_row(job, m, nproc), "error": f"no result within {timeout:.0f} s"} for m in job["modes"]]
         rows_file = Path(job["out"])
-        if result.returncode != 0 or not rows_file.is_file():
-            tail = (result.stderr or "").strip().splitlines()[-3:]
-            print("\n".join(tail), file=sys.stderr)
-            error = "out of memory" if "OutOfMemory" in (result.stderr or "") else f"exit {result.returncode}"
-            return [{**failed_row(job, m, nproc), "error": error} for m in job["modes"]]
-        return json.loads(rows_file.read_text())
+        rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
+        if result.returncode != 0 or len(rows) < len(job["modes"]):
+            stderr = result.stderr or ""
+            print("\n".join(stderr.strip().splitlines()[-3:]), file=sys.stderr)
+            error = "out of memory" if OOM_MARKER in stderr or "OutOfMemory" in stderr else f"exit {result.returncode}"
+            rows += [{**failed_row(job, m, nproc), "error": error} for m in job["modes"][len(rows):]]
+        return rows
 
 
 def failed_row(job: dict, mode: str, nproc: int) -> dict:
@@ -319,9 +328,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (Triton compilation)")
     parser.add_argument("--max-context", type=int, default=1 << 22, help="stop the doubling search here")
-    parser.add_argument("--timeout", type=float, default=420.0, help="seconds per torchrun job before it counts as failed")
+    parser.add_argument("--timeout", type=float, default=420.0,
+                        help="seconds per torchrun job before it counts as failed")
     parser.add_argument("--smoke", "--dry-run", action="store_true",
-                        help="CPU, gloo, tiny models (2 layers × 64, context 1,024; search up to 2,048): checks the plumbing")
+                        help="CPU, gloo, tiny models (2 layers × 64, context 1,024; search up to 2,048): "
+                        "checks the plumbing")
     parser.add_argument("--json", type=Path, default=None,
                         help="rows are saved here as they come (default benchmarks/results/multi_gpu[_smoke].json)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # a torchrun process of one job
@@ -356,7 +367,9 @@ def main(argv: list[str] | None = None) -> dict:
         config = read_config("audio_65k")
         n = 1024 if args.smoke else config["data"]["init_args"]["seq_len"]
         while n <= args.max_context:
-            job = {**common, "name": "audio_65k", "network": network_args(config, seq_len=n, smoke=args.smoke),
+            # 1 untimed + at most 2 timed steps per context: long contexts take seconds per step
+            job = {**common, "steps": min(args.steps, 2), "warmup": 1, "name": "audio_65k",
+                   "network": network_args(config, seq_len=n, smoke=args.smoke),
                    "batch": 1, "clip": config.get("trainer", {}).get("gradient_clip_val"), "modes": ["fsdp2"]}
             (row,) = launch(job, args.gpus, args.timeout)
             row["stride"] = job["network"]["pattern"]["init_args"]["stride"]

@@ -1,7 +1,9 @@
-"""Sharded training of the Sparse Transformer: FSDP (Lightning's ``FSDPStrategy``) and FSDP2 (``ModelParallelStrategy``).
+"""Sharded training of the Sparse Transformer: FSDP (Lightning's ``FSDPStrategy``) and FSDP2
+(``ModelParallelStrategy``).
 
-The unit of sharding, wrapping, activation checkpointing and compilation is one residual :class:`~lightning_sparse.model.Block`
-(:func:`block_classes`). Three ways to train on several GPUs, all through ``trainer.strategy`` in the YAML:
+The unit of sharding, wrapping, activation checkpointing and compilation is one residual
+:class:`~lightning_sparse.model.Block` (:func:`block_classes`). Three ways to train on several GPUs, all through
+``trainer.strategy`` in the YAML:
 
 * ``ddp``: every GPU holds the whole model (nothing here is needed);
 * :class:`SparseFSDPStrategy`: Lightning's FSDP with a Block auto-wrap policy, per-Block activation checkpointing
@@ -46,7 +48,7 @@ log = logging.getLogger(__name__)
 
 
 def block_classes() -> set[type[nn.Module]]:
-    """The module classes that are one unit of sharding, activation checkpointing and compilation: the residual Block."""
+    """The module classes that are one unit of sharding, checkpointing and compilation: the residual Block."""
     return {Block}
 
 
@@ -78,7 +80,8 @@ class SparseFSDPStrategy(FSDPStrategy):
             per rank; see :func:`consolidate_checkpoint`).
         checkpoint_blocks: Recompute each Block in the backward pass (the strategy's activation-checkpointing policy).
             A model with ``recompute=True`` hands its own recomputation over to it (:func:`hand_over_recompute`).
-        **kwargs: Every other ``FSDPStrategy`` argument (``cpu_offload``, ``mixed_precision``, ``limit_all_gathers``, …).
+        **kwargs: Every other ``FSDPStrategy`` argument (``cpu_offload``, ``mixed_precision``,
+            ``limit_all_gathers``, …).
     """
 
     def __init__(
@@ -173,7 +176,8 @@ def mixed_precision_policy(precision: str) -> Any:
     if precision == "32-true":
         return MixedPrecisionPolicy()
     raise ValueError(
-        f"FSDP2 (ModelParallelStrategy) supports precision 32-true, bf16-mixed, bf16-true or 16-true; got {precision!r}."
+        "FSDP2 (ModelParallelStrategy) supports precision 32-true, bf16-mixed, bf16-true or 16-true; "
+        f"got {precision!r}."
     )
 
 
@@ -202,7 +206,7 @@ def shard_blocks(network: SparseTransformer, mesh: Any, mp_policy: Any) -> None:
             f"tensor_parallel_size is {mesh['tensor_parallel'].size()}; set trainer.strategy.init_args."
             "tensor_parallel_size: 1 and data_parallel_size to the number of processes."
         )
-    dp_mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
+    dp_mesh = mesh["data_parallel"] if "data_parallel" in names and mesh.ndim > 1 else mesh  # a 1-D mesh is it
     blocks = [m for m in network.modules() if isinstance(m, tuple(block_classes()))]
     for i, block in enumerate(blocks):
         fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=i < len(blocks) - 1)

@@ -71,8 +71,8 @@ def main(root: Path) -> None:
             train_samples=8,
         ),
         "audio": recording(AudioDataModule, root, "audio")(
-            data_dir=str(node / "audio"), seq_len=SEQ_LEN, batch_size=2, sample_rate=8000, cache_dir=str(node / "cache"),
-            decode_workers=0, train_samples=8,
+            data_dir=str(node / "audio"), seq_len=SEQ_LEN, batch_size=2, sample_rate=8000,
+            cache_dir=str(node / "cache"), decode_workers=0, train_samples=8,
         ),
     }
     record = {"rank": rank, "node": int(os.environ["GROUP_RANK"])}

@@ -4,7 +4,8 @@ Run as a script (Lightning's launcher re-runs this file once per extra process):
 
     python tests/parallel_run.py --strategy fsdp2 --devices 2 --batch 4 --steps 4 --out run.json
 
-Data is fixed and in order (no shuffling): with ``--devices 2 --batch 4`` rank r gets samples r, r+2, …, so each step's global batch is exactly the batch of ``--devices 1 --batch 8``.
+Data is fixed and in order (no shuffling): with ``--devices 2 --batch 4`` rank r gets samples r, r+2, …, so each
+step's global batch is exactly the batch of ``--devices 1 --batch 8``.
 Rank 0 writes ``--out``: the global (all-rank mean) training loss of every step, the final ``val/bpd`` and which
 sharding was really applied.
 """
@@ -88,7 +89,7 @@ def main(args: argparse.Namespace) -> None:
         seq_len=SEQ_LEN,
         n_layer=2,
         n_head=2,
-        d_model=32,
+        d_model=64,  # head width 32: the smallest the triton kernels take (the GPU tests run them)
         pattern=Fixed(8, 2),
         recompute=args.recompute,
         lr=3e-3,

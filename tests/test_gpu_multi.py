@@ -85,7 +85,7 @@ def test_checkpoint_of_two_gpus_validates_on_one_to_the_same_bpd(runs, strategy)
         checkpoint = parallel.consolidate_checkpoint(checkpoint)
     assert strategy == "ddp" or checkpoint.name.endswith(".consolidated.ckpt")
     single = run(runs["tmp"], f"validate_{strategy}", "--devices", "1", "--batch", "8", "--validate", str(checkpoint))
-    assert single["val_bpd"] == pytest.approx(runs[strategy]["val_bpd"], rel=2e-3)
+    assert single["val_bpd"] == pytest.approx(runs[strategy]["val_bpd"], rel=5e-3)  # bf16: batch 8 vs 4 kernels
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "fsdp2"])

@@ -81,7 +81,7 @@ def test_fsdp2_sharded_checkpoint_consolidates_and_validates_on_one_process(runs
     assert consolidated == folder.with_name("step=4.ckpt.consolidated.ckpt")
     checkpoint = torch.load(consolidated, weights_only=True)
     assert "model.blocks.0.attn.qkv.weight" in checkpoint["state_dict"]  # plain keys, full tensors
-    assert checkpoint["state_dict"]["model.blocks.0.attn.qkv.weight"].shape == (96, 32)
+    assert checkpoint["state_dict"]["model.blocks.0.attn.qkv.weight"].shape == (192, 64)
     assert len(checkpoint["optimizer_states"]) == 1 and checkpoint["global_step"] == 4
     single = run(tmp, "validate", "--validate", str(consolidated))
     assert single["world_size"] == 1
@@ -244,7 +244,9 @@ def test_norm_clipping_under_fsdp_goes_through_the_root_module():
 
 def test_weight_decay_groups_survive_flattened_parameters():
     """FSDP1 turns parameters into flat 1-D shard views; the decay groups use the shapes recorded at build time."""
-    model = TextDensityModel(seq_len=16, n_layer=2, n_head=2, d_model=16, pattern=Fixed(4, 1), warmup_steps=2, decay_steps=100)
+    model = TextDensityModel(
+        seq_len=16, n_layer=2, n_head=2, d_model=16, pattern=Fixed(4, 1), warmup_steps=2, decay_steps=100
+    )
     model.configure_model()
     expected = [len(g["params"]) for g in model.configure_optimizers()["optimizer"].param_groups]
     for p in model.model.parameters():
