@@ -62,7 +62,7 @@ class ByteCorpusDataModule(StreamDataModule):
     DDP, where windows that score nothing pad the set to a multiple of the number of processes.
 
     Args:
-        paths: files, folders or globs (`**` allowed); None for the standard-library corpus.
+        paths: files, folders or globs (`**` allowed), one or a list; None for the standard-library corpus.
         seq_len: model context; samples are `seq_len + 1` bytes.
         batch_size: samples per batch.
         num_workers: DataLoader worker processes.
@@ -77,7 +77,7 @@ class ByteCorpusDataModule(StreamDataModule):
 
     def __init__(
         self,
-        paths: list[str] | None = None,
+        paths: list[str] | str | None = None,
         seq_len: int = 1024,
         batch_size: int = 16,
         num_workers: int = 0,

@@ -153,6 +153,15 @@ def test_seq_len_is_set_once_on_the_data(tmp_path):
     assert cli.model.config.seq_len == cli.datamodule.seq_len == 48  # the model follows the data
 
 
+def test_data_paths_take_one_file_or_a_list(tmp_path):
+    config = tiny_config(tmp_path)
+    one, two = tmp_path / "one.txt", tmp_path / "two.txt"
+    for path, value in ((one, str(one)), (two, f"[{one}, {two}]")):
+        path.write_bytes(b"x" * 100)
+        cli = build_cli(["--config", str(config), "--data.init_args.paths", value], run=False)
+        assert cli.datamodule.paths == ([str(one)] if path == one else [str(one), str(two)])
+
+
 def test_fit_validate_test_predict_end_to_end(tmp_path):
     config = tiny_config(tmp_path)
     cli_main(["fit", "--config", str(config)])
