@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import json
 import math
 import os
@@ -39,7 +38,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
@@ -53,17 +51,6 @@ NETWORK_FIELDS = ("n_layer", "n_head", "d_model", "ff_mult", "qk_ratio", "dropou
 
 
 # ----- the network of a YAML config, without the CLI ----------------------------------------------------------------
-
-
-def resolve(value: Any) -> Any:
-    """Build ``{class_path, init_args}`` mappings (recursively; patterns) into objects; lists become tuples."""
-    if isinstance(value, dict) and "class_path" in value:
-        module, _, name = value["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module), name)
-        return cls(**{k: resolve(v) for k, v in (value.get("init_args") or {}).items()})
-    if isinstance(value, list):
-        return tuple(resolve(v) for v in value)
-    return value
 
 
 def read_config(name: str) -> dict:
@@ -113,8 +100,9 @@ def rescaled_pattern(pattern: dict, stride: int) -> dict:
 
 def build_network(args: dict, device: torch.device) -> torch.nn.Module:
     from lightning_sparse.model import SparseTransformer, SparseTransformerConfig
+    from lightning_sparse.yaml_objects import instantiate
 
-    resolved = {k: resolve(v) for k, v in args.items()}
+    resolved = {k: instantiate(v) for k, v in args.items()}
     with torch.device(device):
         return SparseTransformer(SparseTransformerConfig(**resolved))
 

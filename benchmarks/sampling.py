@@ -28,12 +28,10 @@ not sample quality.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
@@ -41,6 +39,7 @@ import yaml
 from lightning_sparse.atomic import atomic_write
 from lightning_sparse.model import START, SparseTransformer, SparseTransformerConfig
 from lightning_sparse.sampling import sample
+from lightning_sparse.yaml_objects import instantiate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # name: (config, batch, prompt length (None = the start token), positions to generate, target kind, target value)
@@ -52,17 +51,6 @@ JOBS = {
     "audio_65k": ("audio_65k", 1, 12000, 12000, "total_s", 40.0),
 }
 NETWORK_FIELDS = ("n_layer", "n_head", "d_model", "ff_mult", "qk_ratio", "dropout", "attention_backend")
-
-
-def instantiate(value: Any) -> Any:
-    """Build ``{class_path, init_args}`` mappings (recursively) into objects; other values pass through."""
-    if isinstance(value, dict) and "class_path" in value:
-        module, _, name = value["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module), name)
-        return cls(**{k: instantiate(v) for k, v in (value.get("init_args") or {}).items()})
-    if isinstance(value, list):
-        return [instantiate(v) for v in value]
-    return value
 
 
 def network_config(name: str, smoke: bool) -> SparseTransformerConfig:

@@ -45,6 +45,7 @@ import yaml
 
 from lightning_sparse.atomic import atomic_write
 from lightning_sparse.kernels import Dense, FixedBlock, FixedSummary, Interleaved, Local, Pattern, StridedColumns
+from lightning_sparse.yaml_objects import instantiate
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -60,17 +61,6 @@ FLOP_FORMULA = (
 
 
 # ----------------------------------------------------------------------------------------------- building models
-
-
-def instantiate(value: Any) -> Any:
-    """Build ``{class_path, init_args}`` mappings (recursively) into objects; other values pass through."""
-    if isinstance(value, dict) and "class_path" in value:
-        module, _, name = value["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module), name)
-        return cls(**{k: instantiate(v) for k, v in (value.get("init_args") or {}).items()})
-    if isinstance(value, list):
-        return [instantiate(v) for v in value]
-    return value
 
 
 def data_args(config: dict) -> dict:

@@ -18,12 +18,12 @@ import importlib
 import io
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
 
 from lightning_sparse.atomic import atomic_write
+from lightning_sparse.yaml_objects import instantiate
 
 __all__ = ["sample_main"]
 
@@ -62,17 +62,6 @@ def _class(path: str) -> type:
     return cls
 
 
-def _instantiate(value: Any) -> Any:
-    """``{class_path, init_args}`` mappings (recursively) → objects, as LightningCLI builds them."""
-    if isinstance(value, dict) and "class_path" in value:
-        module, _, name = value["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module), name)
-        return cls(**{k: _instantiate(v) for k, v in (value.get("init_args") or {}).items()})
-    if isinstance(value, list):
-        return [_instantiate(v) for v in value]
-    return value
-
-
 def _config(args: argparse.Namespace) -> dict | None:
     path = args.config or args.ckpt_path.resolve().parent.parent / "config.yaml"
     if not path.is_file():
@@ -100,7 +89,7 @@ def validation_items(config: dict | None, num: int, seq_len: int) -> list[torch.
     if config is None or "data" not in config:
         raise SystemExit("sample: --complete_from val needs the run's config (--config, or config.yaml next to "
                          "checkpoints/) to build the data module.")
-    data = _instantiate(config["data"])
+    data = instantiate(config["data"])
     data.prepare_data()
     data.setup("validate")
     items: list[torch.Tensor] = []

@@ -14,10 +14,10 @@ import os
 import subprocess
 import sys
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
+from interpreter_child import in_child, in_parent, parent_only, run_under_interpreter
 
 from lightning_sparse.kernels import (
     Dense,
@@ -34,26 +34,11 @@ from lightning_sparse.kernels import (
 )
 from lightning_sparse.kernels.tiles import BwdTiles, FwdTiles, tile_override
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-ROOT = Path(__file__).resolve().parents[1]
-in_child = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 child process")
-in_parent = pytest.mark.skipif(INTERPRET, reason="runs in the parent process, without the interpreter")
 
-try:
-    import importlib.util
-
-    HAS_TRITON = importlib.util.find_spec("triton") is not None
-except ValueError:
-    HAS_TRITON = False
-
-
-@pytest.mark.skipif(INTERPRET or not HAS_TRITON, reason="this is the parent; needs triton installed")
+@parent_only
 def test_kernels_under_interpreter():
     """Run this file's kernel tests in a child process with TRITON_INTERPRET=1 set before triton is imported."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__))]
-    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0 and " passed" in res.stdout, res.stdout[-6000:] + res.stderr[-3000:]
+    run_under_interpreter(__file__)
 
 
 # ---------------------------------------------------------------- references

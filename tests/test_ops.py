@@ -9,14 +9,10 @@ compiled block on the torch backend run in the parent. Compile tests are few and
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from interpreter_child import in_child, in_parent, parent_only, run_under_interpreter
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lightning_sparse.kernels import (
@@ -32,25 +28,16 @@ from lightning_sparse.kernels import (
 from lightning_sparse.kernels.ops import ATTENTION_OPS, pattern_from_key, pattern_key
 from lightning_sparse.model import Block, SparseTransformerConfig
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-ROOT = Path(__file__).resolve().parents[1]
-in_child = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 child process")
-in_parent = pytest.mark.skipif(INTERPRET, reason="runs in the parent process, without the interpreter")
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-
 OPS = torch.ops.lightning_sparse
 
 
-@pytest.mark.skipif(INTERPRET or not HAS_TRITON, reason="this is the parent; needs triton installed")
+@parent_only
 def test_ops_under_interpreter(tmp_path):
     """Run this file's kernel tests in a child process with TRITON_INTERPRET=1 set before triton is imported.
 
     Inductor gets a fresh cache folder: a compiled graph cached with another version of the ops' fake kernels would
     otherwise be reused (the cache key does not cover a custom op's fake implementation)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__))]
-    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0 and " passed" in res.stdout, res.stdout[-6000:] + res.stderr[-3000:]
+    run_under_interpreter(__file__, env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
 
 
 def inputs(b, h, n, d_qk, d_v, dtype=torch.float32, seed=0):

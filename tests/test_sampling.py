@@ -3,15 +3,14 @@ bytes, the context limit, and the Triton decode kernel under ``TRITON_INTERPRET=
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
+from interpreter_child import in_child, in_parent, parent_only, run_under_interpreter
 
 from lightning_sparse.audio import AudioDensityModel
 from lightning_sparse.image import ImageDensityModel
@@ -32,11 +31,6 @@ from lightning_sparse.kernels.decode import decode_attention, decode_table
 from lightning_sparse.kv_cache import KVCache
 from lightning_sparse.model import START, SparseTransformer, SparseTransformerConfig
 from lightning_sparse.sampling import sample
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-in_child = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 child process")
-in_parent = pytest.mark.skipif(INTERPRET, reason="runs in the parent process, without the interpreter")
 
 
 @pytest.fixture(autouse=True)
@@ -264,15 +258,10 @@ def test_cuda_graph_needs_cuda():
 # ---------------------------------------------------------------- the Triton decode kernel (interpreter)
 
 
-@pytest.mark.skipif(INTERPRET or not HAS_TRITON, reason="this is the parent; needs triton installed")
+@parent_only
 def test_decode_kernel_under_interpreter():
     """Run this file's kernel tests in a child process with TRITON_INTERPRET=1 set before triton is imported."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "triton_decode",
-           str(Path(__file__))]
-    res = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                         timeout=900)
-    assert res.returncode == 0 and " passed" in res.stdout, res.stdout[-6000:] + res.stderr[-3000:]
+    run_under_interpreter(__file__, "-k", "triton_decode")
 
 
 KERNEL_CASES = [  # pattern, n, heads, d_qk, d_v, splits
