@@ -276,7 +276,7 @@ def test_bad_inputs_raise_before_launch(shape, dtype, why):
 @pytest.mark.parametrize(
     "k_shape,v_shape,match",
     [
-        ((1, 2, 64, 32), (1, 2, 64, 48), "value head widths"),
+        ((1, 2, 64, 32), (1, 2, 64, 48), "value head_dim=48"),
         ((1, 2, 64, 64), (1, 2, 64, 32), "same shape"),
         ((1, 2, 64, 32), (1, 2, 60, 64), "same batch, heads and n"),
     ],

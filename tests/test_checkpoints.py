@@ -239,7 +239,7 @@ def test_cli_resume_is_bit_identical_to_the_uninterrupted_run(tmp_path):
         values = yaml.safe_load(path.read_text())
         values["data"]["init_args"]["train_samples"] = 16  # epochs of 4 steps: the resumed part crosses two
         # A fixed schedule length, so the interrupted run (max_steps=3) trains its steps at the full run's rates.
-        values["model"]["init_args"].update(decay_steps=10, sample_length=0)
+        values["model"]["init_args"].update(decay_steps=10)
         path.write_text(yaml.safe_dump(values))
         return path
 
