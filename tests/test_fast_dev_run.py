@@ -28,7 +28,7 @@ SMALL = ["--model.init_args.n_layer=1", "--model.init_args.n_head=2", "--model.i
 # the configs' sample callbacks, shrunk to the shrunk contexts
 TEXT_SAMPLE = '--trainer.callbacks=[{"class_path": "lightning_sparse.sample_logging.TextSampleLogger", "init_args": {"length": 4, "prompt_length": 8}}]'
 AUDIO_SAMPLE = '--trainer.callbacks=[{"class_path": "lightning_sparse.sample_logging.AudioSampleLogger", "init_args": {"length": 4, "prompt_length": 8}}]'
-IMAGE_SAMPLE = '--trainer.callbacks=[{"class_path": "lightning_sparse.sample_logging.ImageSampleLogger", "init_args": {"num_samples": 1, "num_completions": 1}}]'
+IMAGE_SAMPLE = '--trainer.callbacks=[{"class_path": "lightning_sparse.sample_logging.ImageSampleLogger", "init_args": {"num_samples": 0, "num_completions": 0}}]'
 
 
 def _enwik8(tmp: Path) -> list[str]:

@@ -118,7 +118,7 @@ def test_fsdp2_fit_through_the_cli_and_validate_the_consolidated_checkpoint(tmp_
     validate = [str(exe), "validate", "--config", str(config), "--ckpt_path", str(consolidated)]
     result = subprocess.run(validate, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    ((_, single_bpd),) = scalars(tmp_path / "runs" / "fsdp2" / "version_1", "val/bpd")
+    ((_, single_bpd),) = scalars(log_dir / "validate", "val/bpd")  # validate logs beside the checkpoint's run
     assert 0 < fsdp2_bpd < 8.0
     assert single_bpd == pytest.approx(fsdp2_bpd, rel=1e-6)
 
