@@ -254,3 +254,16 @@ def test_cli_resume_is_bit_identical_to_the_uninterrupted_run(tmp_path):
     assert dict(scalars(resumed, "train/loss")) == dict(scalars(whole, "train/loss"))  # all 10 steps, bit for bit
     assert len(scalars(whole, "train/loss")) == 10
     assert scalars(resumed, "val/bpd") == scalars(whole, "val/bpd") and len(scalars(whole, "val/bpd")) == 2
+
+
+def test_a_max_epochs_stop_between_validations_writes_last_at_the_final_step(tmp_path):
+    """10 batches, one epoch, validation every 4 steps: without the stop callback last.ckpt would hold step 8."""
+    model = TextDensityModel(seq_len=16, n_layer=1, n_head=2, d_model=16, pattern=Fixed(4, 1), warmup_steps=0)
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, monitor="val/bpd", save_last=True)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, val_check_interval=4, limit_val_batches=1, logger=False,
+                        callbacks=[checkpoint], enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    text = torch.randint(0, 256, (40, 17), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    trainer.fit(model, DataLoader(list(text), batch_size=4), DataLoader(list(text[:4]), batch_size=4))
+    assert trainer.global_step == 10
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 10
