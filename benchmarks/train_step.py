@@ -78,9 +78,6 @@ def model_args(config: dict, smoke: bool) -> dict:
     """The model's init_args as the CLI would pass them (seq_len linked from the data); ``smoke`` shrinks them."""
     args = dict(config["model"].get("init_args") or {})
     args["seq_len"] = data_args(config)["seq_len"]
-    for key in ("sample_length", "num_samples", "num_completions"):  # no sampling in a benchmark
-        if key in args:
-            args[key] = 0
     if smoke:
         heads = min(args.get("n_head", 4), 4)
         args.update(n_layer=2, n_head=heads, d_model=16 * heads, attention_backend="torch")
