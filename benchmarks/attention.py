@@ -271,6 +271,8 @@ def run_paper_shapes(shapes: list[PaperShape], rows: list, args, save) -> None:
         count = nnz(s.pattern, s.n)
         measure(rows, "triton", s.pattern, s.n, s.d_qk, s.b, s.h, inp, triton_method(s.pattern), count, s.d_v,
                 shape=s.name)
+        if args.top_kernels:  # where one forward+backward's GPU time goes, and how much of its wall time it fills
+            print_kernels(s.name, inp.fwd_bwd(triton_method(s.pattern)), args.top_kernels)
         if s.sdpa and s.n <= args.max_dense_n:
             padded = inp.padded()
             note = "" if padded is inp else f"q,k zero-padded {s.d_qk}->{s.d_v} for SDPA (padding not timed)"
@@ -286,6 +288,24 @@ def run_paper_shapes(shapes: list[PaperShape], rows: list, args, save) -> None:
         save()
         del inp
         torch.cuda.empty_cache()
+
+
+def print_kernels(label: str, fn, count: int, reps: int = 10) -> None:
+    """Profile ``reps`` calls of ``fn``: its kernels by GPU time, and GPU-busy time against wall time."""
+    from profiling import busy_fraction, top_kernels
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / reps
+    busy, _ = busy_fraction(prof)
+    print(f"\n{label}: per call {wall * 1e3:.3f} ms wall, GPU busy {1e3 * (busy or 0) / reps:.3f} ms\n"
+          f"{top_kernels(prof, count, per=reps)}\n", flush=True)
 
 
 def sdpa_scaled(d_qk: int):
@@ -425,6 +445,7 @@ def main(argv=None):
     ap.add_argument("--png", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "attention.png"))
     ap.add_argument("--json", default=None, help="write all measurements here (after every measurement)")
     ap.add_argument("--flex-workers", type=int, default=8, help="processes compiling Flex kernels first (0: none)")
+    ap.add_argument("--top-kernels", type=int, default=0, help="paper rows: print the N kernels with most GPU time")
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compilation is most of a run)")
     ap.add_argument("--ordered-dq", action="store_true",
                     help="fixed-pattern backward with the summary part's dQ added in turn (BwdTiles.ordered_dq)")

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from profiling import top_kernels  # benchmarks/profiling.py
 
 from lightning_sparse.atomic import atomic_write
 from lightning_sparse.model import START, SparseTransformer, SparseTransformerConfig
@@ -134,6 +135,15 @@ def run_job(job: str, args: argparse.Namespace, device: torch.device) -> dict:
     with torch.no_grad(), autocast:
         sample(model, prompt, min(length, 8), generator=generator)  # compile prefill and decode kernels
         cached = timed_cached(model, prompt, length, device)
+        if args.top_kernels:  # one profiled short call: its GPU time is nearly all decoding steps
+            from torch.profiler import ProfilerActivity, profile
+
+            steps = min(length, 65)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                sample(model, prompt, steps, generator=generator)
+                sync(device)
+            print(f"\n{job}: GPU kernels per decoding step ({steps} positions profiled)\n"
+                  f"{top_kernels(prof, args.top_kernels, per=steps - 1)}\n", flush=True)
         uncached = None
         if args.uncached_positions > 0:
             uncached = timed_uncached(model, prompt, min(args.uncached_positions, length), device)
@@ -189,6 +199,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="Enwik8 jobs: new positions at the end of the context (default 2048)")
     parser.add_argument("--quick", action="store_true", help="GPU smoke run: at most --quick-positions per job")
     parser.add_argument("--quick-positions", type=int, default=64)
+    parser.add_argument("--top-kernels", type=int, default=0, help="print the N kernels with most GPU time per step")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU (checks the script runs)")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file (atomically)")
     args = parser.parse_args(argv)

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from profiling import busy_fraction, top_kernels  # benchmarks/profiling.py
 
 from lightning_sparse.atomic import atomic_write
 from lightning_sparse.kernels import Dense, FixedBlock, FixedSummary, Interleaved, Local, Pattern, StridedColumns
@@ -51,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 PAPER_CONFIGS = ("cifar10", "enwik8", "imagenet64", "audio_65k", "audio_262k", "audio_1m")
 VARIANTS = ("sparse", "sparse-compiled", "dense", "dense-compiled")
+CUDA_GRAPH_VARIANTS = ("sparse-cudagraphs", "dense-cudagraphs")  # compiled with mode="reduce-overhead"
 DENSE_TFLOPS_ESTIMATE = 400e12  # H200 dense causal SDPA forward+backward, bf16 (benchmarks/attention.py)
 FLOP_FORMULA = (
     "model FLOPs per step = 6·N·T + Σ_layers 6·B·pairs·(d_qk + d_v): N = parameters without the token and position "
@@ -99,7 +101,9 @@ def model_args(config: dict, smoke: bool) -> dict:
 def build(config: dict, variant: str, smoke: bool) -> Any:
     """The config's LightningModule for ``variant`` (dense: ``Dense()`` on sdpa, same position embeddings)."""
     args = model_args(config, smoke)
-    args["compile"] = variant.endswith("-compiled")
+    args["compile"] = variant.endswith(("-compiled", "-cudagraphs"))
+    if variant.endswith("-cudagraphs"):
+        args["compile_mode"] = "reduce-overhead"
     path = config["model"]["class_path"]
     module = instantiate({"class_path": path, "init_args": args})
     if variant.startswith("dense"):
@@ -151,28 +155,6 @@ def model_flops(module: Any, batch: int) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------------------------- measuring
-
-
-def busy_fraction(prof: Any) -> tuple[float | None, int]:
-    """Union of the GPU kernel/memcpy/memset intervals of a profiled step, in seconds, and how many there were."""
-    cuda = torch.autograd.DeviceType.CUDA
-    intervals = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == cuda]  # µs
-    if not intervals:  # older/newer profilers: read the raw Kineto events
-        for e in prof.profiler.kineto_results.events():
-            if e.device_type() == cuda:
-                start = e.start_ns() / 1e3 if hasattr(e, "start_ns") else e.start_us()
-                length = e.duration_ns() / 1e3 if hasattr(e, "duration_ns") else e.duration_us()
-                intervals.append((start, start + length))
-    if not intervals:
-        return None, 0
-    intervals.sort()
-    busy, (lo, hi) = 0.0, intervals[0]
-    for s, e in intervals[1:]:
-        if s > hi:
-            busy, lo, hi = busy + hi - lo, s, e
-        else:
-            hi = max(hi, e)
-    return (busy + hi - lo) * 1e-6, len(intervals)
 
 
 def measure(name: str, config: dict, variant: str, args: argparse.Namespace, device: torch.device) -> dict:
@@ -230,6 +212,8 @@ def measure(name: str, config: dict, variant: str, args: argparse.Namespace, dev
             with profile(activities=[ProfilerActivity.CUDA]) as prof:  # device activity only: fewer events to parse
                 timed()
             busy_s, kernels = busy_fraction(prof)
+            if args.top_kernels:
+                print(f"\n{name} {variant}: GPU kernels of one step\n{top_kernels(prof, args.top_kernels)}\n", flush=True)
             busy = None if busy_s is None else min(1.0, busy_s / step_s)
         except Exception:  # keep the timing row; the busy column stays empty
             traceback.print_exc()
@@ -244,7 +228,7 @@ def measure(name: str, config: dict, variant: str, args: argparse.Namespace, dev
         "step_ms": step_s * 1e3,
         "steps_ms": [t * 1e3 for t in times],
         "first_step_s": first,
-        "compile_s": max(0.0, first - step_s) if variant.endswith("-compiled") else None,
+        "compile_s": max(0.0, first - step_s) if variant.endswith(("-compiled", "-cudagraphs")) else None,
         "tokens_per_s": batch * n / step_s,
         "model_tflops": flops / step_s / 1e12,
         "attention_share_of_flops": attention_flops / flops,
@@ -316,6 +300,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="skip dense variants whose attention alone would take longer per step (estimate at "
                              f"{DENSE_TFLOPS_ESTIMATE / 1e12:.0f} TFLOP/s)")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled step (no GPU-busy column)")
+    parser.add_argument("--top-kernels", type=int, default=0, help="print the N kernels with most GPU time per step")
     parser.add_argument("--out", type=Path, default=None,
                         help="writes OUT.json and OUT.md after every row (default: "
                              "benchmarks/results/train_step_<configs>)")
@@ -326,8 +311,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.out = ROOT / "benchmarks" / "results" / f"train_step_{'-'.join(names)}{'_smoke' if args.smoke else ''}"
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
-        if v not in VARIANTS:
-            raise SystemExit(f"--variants: {v!r} is not one of {', '.join(VARIANTS)}")
+        if v not in VARIANTS + CUDA_GRAPH_VARIANTS:
+            raise SystemExit(f"--variants: {v!r} is not one of {', '.join(VARIANTS + CUDA_GRAPH_VARIANTS)}")
     if args.warmup < 1 or args.steps < 1:
         raise SystemExit("--warmup and --steps must be at least 1")
     if args.smoke:

@@ -34,6 +34,7 @@ from lightning_sparse.model import (
 __all__ = ["COMPILE_MODES", "DensityModel", "WarmupCosine"]
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes whose compiled blocks replay CUDA graphs
 
 # Checkpoints of modules built in Python (not through the CLI) store Pattern objects in their hyperparameters;
 # let torch.load(weights_only=True), Lightning's default, rebuild these plain frozen dataclasses of ints.
@@ -235,6 +236,8 @@ class DensityModel(L.LightningModule):
                 f"{type(self).__name__}: the network is built in configure_model(); call model.configure_model() "
                 "before using it outside a Trainer."
             )
+        if self.compile_network and self.compile_mode in CUDA_GRAPH_MODES:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: the graphs may reuse the last step's outputs
         return self.model(idx)
 
     # ----- loss and metrics -----

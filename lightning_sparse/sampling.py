@@ -141,9 +141,10 @@ def sample(
         raise ValueError(f"sample: cuda_graph=True needs the model on a CUDA device, it is on {device}.")
     was_training = model.training
     model.eval()
-    try:
-        if cache:
-            return _sample_cached(model, ids, length, temperature, generator, progress, cuda_graph)
-        return _sample_uncached(model, ids, length, temperature, generator, progress)
+    try:  # blocks compiled for training run eagerly here: the sampler captures its own CUDA graph
+        with torch.compiler.set_stance("force_eager"):
+            if cache:
+                return _sample_cached(model, ids, length, temperature, generator, progress, cuda_graph)
+            return _sample_uncached(model, ids, length, temperature, generator, progress)
     finally:
         model.train(was_training)

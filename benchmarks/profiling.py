@@ -1,0 +1,58 @@
+"""What the GPU did during a profiled region (torch.profiler): busy time and the kernels that took it.
+
+Shared by ``train_step.py`` and ``sampling.py``: ``busy_fraction`` is the union of kernel/memcpy/memset intervals,
+``top_kernels`` the kernels grouped by name with their summed GPU time, so a table says where a step goes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+__all__ = ["busy_fraction", "device_events", "top_kernels"]
+
+
+def device_events(prof: Any) -> list[tuple[str, float, float]]:
+    """(name, start µs, end µs) of every GPU activity of a finished ``torch.profiler.profile``."""
+    cuda = torch.autograd.DeviceType.CUDA
+    events = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == cuda]
+    if not events:  # older/newer profilers: read the raw Kineto events
+        for e in prof.profiler.kineto_results.events():
+            if e.device_type() == cuda:
+                start = e.start_ns() / 1e3 if hasattr(e, "start_ns") else e.start_us()
+                length = e.duration_ns() / 1e3 if hasattr(e, "duration_ns") else e.duration_us()
+                events.append((e.name(), start, start + length))
+    return events
+
+
+def busy_fraction(prof: Any) -> tuple[float | None, int]:
+    """Union of the GPU kernel/memcpy/memset intervals of a profiled region, in seconds, and how many there were."""
+    intervals = sorted((s, e) for _, s, e in device_events(prof))
+    if not intervals:
+        return None, 0
+    busy, (lo, hi) = 0.0, intervals[0]
+    for s, e in intervals[1:]:
+        if s > hi:
+            busy, lo, hi = busy + hi - lo, s, e
+        else:
+            hi = max(hi, e)
+    return (busy + hi - lo) * 1e-6, len(intervals)
+
+
+def top_kernels(prof: Any, count: int = 15, per: int = 1) -> str:
+    """The ``count`` kernel names with the most GPU time, as a Markdown table; times and calls divided by ``per``
+    (e.g. the profiled steps)."""
+    total: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    for name, s, e in device_events(prof):
+        total[name] += e - s
+        calls[name] += 1
+    whole = sum(total.values()) or 1.0
+    lines = [f"| kernel | GPU ms | calls | share |  (per {'step' if per == 1 else f'1/{per} of the region'})",
+             "|---|---|---|---|"]
+    for name, us in sorted(total.items(), key=lambda kv: -kv[1])[:count]:
+        lines.append(f"| {name[:90]} | {us / per / 1e3:.3f} | {calls[name] / per:.0f} | {100 * us / whole:.1f}% |")
+    lines.append(f"| (all {len(total)} names) | {whole / per / 1e3:.3f} | {sum(calls.values()) / per:.0f} | 100% |")
+    return "\n".join(lines)
