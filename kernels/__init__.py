@@ -5,7 +5,7 @@ custom operators (``torch.ops.lightning_sparse``, :mod:`.ops`); Triton itself is
 """
 
 from . import ops
-from .attention import BACKENDS, reference_attention, sparse_attention
+from .attention import BACKENDS, reference_attention, sparse_attention, sparse_attention_qkv, split_qkv
 from .patterns import (
     Dense,
     Fixed,
@@ -36,4 +36,6 @@ __all__ = [
     "ops",
     "reference_attention",
     "sparse_attention",
+    "sparse_attention_qkv",
+    "split_qkv",
 ]

@@ -51,6 +51,23 @@ def check_inputs(
     return float(scale)
 
 
+def split_qkv(qkv: torch.Tensor, heads: int, d_qk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views q, k ``[b, heads, n, d_qk]`` and v ``[b, heads, n, d_v]`` of a packed projection ``qkv`` ``[b, n,
+    heads·(2·d_qk + d_v)]`` whose last axis holds all query heads, then all key heads, then all value heads."""
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv must be [batch, n, heads·(2·d_qk + d_v)], got shape {tuple(qkv.shape)}.")
+    b, n, width = qkv.shape
+    values = width - 2 * heads * d_qk  # all value heads (// and %: a traced width is a SymInt, no divmod)
+    d_v, rest = (values // heads, values % heads) if heads > 0 else (0, 1)
+    if heads <= 0 or d_qk <= 0 or d_v <= 0 or rest:
+        raise ValueError(
+            f"qkv's last axis ({width}) must be heads·(2·d_qk + d_v) with heads={heads}, d_qk={d_qk} and a positive "
+            "whole value width d_v; pass the number of heads and the per-head query/key width of the projection."
+        )
+    q, k, v = qkv.split([heads * d_qk, heads * d_qk, heads * d_v], dim=-1)
+    return tuple(t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+
+
 def reference_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float | None = None
 ) -> torch.Tensor:
@@ -93,7 +110,40 @@ def sparse_attention(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
     scale = check_inputs(q, k, v, pattern, scale)
+    return _run(q, k, v, pattern, scale, resolve_backend(backend, pattern, q.device))
+
+
+def sparse_attention_qkv(
+    qkv: torch.Tensor,
+    heads: int,
+    d_qk: int,
+    pattern: Pattern,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`sparse_attention` of a packed projection ``qkv`` ``[batch, n, heads·(2·d_qk + d_v)]`` (query heads,
+    key heads, value heads; ``d_qk`` per head), returning the heads merged: ``[batch, n, heads·d_v]``.
+
+    What a transformer layer calls: on the triton backend one custom op takes ``qkv`` as it comes out of the
+    projection and its backward writes one packed gradient, so no split, transpose or concatenation is copied
+    around attention; other backends split ``qkv`` into views and merge the heads of the result.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    q, k, v = split_qkv(qkv, heads, d_qk)
+    scale = check_inputs(q, k, v, pattern, scale)
     backend = resolve_backend(backend, pattern, q.device)
+    if backend == "triton":
+        from .triton_backend import triton_attention_qkv
+
+        return triton_attention_qkv(qkv, heads, d_qk, pattern, scale)
+    y = _run(q, k, v, pattern, scale, backend)
+    return y.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], -1)
+
+
+def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float, backend: str):
+    """Dispatch validated inputs to a resolved backend."""
     if backend == "reference":
         return reference_attention(q, k, v, pattern, scale)
     if backend == "torch":

@@ -9,8 +9,9 @@ ascending, so the keys that exist at step ``t`` are a prefix of the row; the res
 Table rows have ``l + ⌈n/l⌉`` entries for ``Strided(l)``, ``l + c·⌈n/l⌉`` for ``Fixed(l, c)`` and ``n`` for
 ``Dense``: the per-step work is the pattern's, O(n/l + l) for strided, not O(n).
 
-``decode_attention`` is the PyTorch version (any device, the reference of the Triton decode kernel in
-``decode_triton``); ``decode_table`` builds the tables. Knows nothing of the model or of Lightning.
+``decode_attention`` is the PyTorch version (any device), ``decode_step`` the same after writing the step's own key
+and value into the cache (the reference of the Triton decode kernel in ``decode_triton``); ``decode_table`` builds
+the tables. Knows nothing of the model or of Lightning.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from .patterns import Pattern
 
-__all__ = ["DecodeTable", "decode_table", "decode_attention", "pattern_period"]
+__all__ = ["DecodeTable", "decode_attention", "decode_step", "decode_table", "pattern_period"]
 
 _ROWS_PER_CHUNK = 1 << 24  # elements of the [residues, n] boolean evaluated at once while building a table
 
@@ -146,3 +147,20 @@ def decode_attention(
     weights = torch.exp(scores - top)
     out = torch.matmul(weights, v.float()) / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     return out.to(q.dtype)
+
+
+def decode_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    table: DecodeTable,
+    position: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Write the new key ``k`` ``[B, H, 1, d_qk]`` and value ``v`` ``[B, H, 1, d_v]`` into the caches at
+    ``position``, then :func:`decode_attention` of ``q`` there (in place: the caches keep the new entries)."""
+    k_cache.index_copy_(2, position, k)
+    v_cache.index_copy_(2, position, v)
+    return decode_attention(q, k_cache, v_cache, table, position, scale)

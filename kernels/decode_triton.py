@@ -1,11 +1,13 @@
-"""Triton decode attention: one query per (batch, head) against the keys its decode table names.
+"""Triton decode step: one query per (batch, head) against the keys its decode table names.
 
-One program per (batch, head, split) walks its share of the table row of ``position mod period`` in tiles of
+The step's own key and value are written into the cache by the kernel itself (split 0 of each (batch, head)) and
+read from the inputs, not the cache, at offset 0, so no separate cache-update launches precede it. One program per
+(batch, head, split) walks its share of the table row of ``position mod period`` in tiles of
 ``BLOCK_K`` offsets, gathers those keys and values from the cache (masked loads: offsets beyond the position fetch
 nothing) and runs an online softmax in float32 (``exp2``, scale and log₂e folded in). With one split the program
 writes the normalized output; with several (split-K, so that a small batch still fills the GPU) each writes its
 (max, sum, accumulator) and a second kernel merges them by log-sum-exp. The position is read from device memory,
-so the launches can be captured in a CUDA graph. Reference: ``decode.decode_attention``.
+so the launches can be captured in a CUDA graph. Reference: ``decode.decode_step``.
 """
 
 from __future__ import annotations
@@ -18,15 +20,15 @@ import triton.language as tl
 
 from .decode import DecodeTable
 
-__all__ = ["triton_decode_attention"]
+__all__ = ["triton_decode_step"]
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
 def _decode_partial(
-    Q, K, V, T, POS, OUT, M, L,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    Q, KN, VN, K, V, T, POS, OUT, M, L,
+    stride_qb, stride_qh, stride_knb, stride_knh, stride_vnb, stride_vnh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_th, stride_tr, stride_ob, stride_oh, stride_os, stride_mb, stride_mh,
     H, WIDTH, PERIOD, KEYS_PER_SPLIT, scale_log2,
     D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_QK: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -42,6 +44,14 @@ def _decode_partial(
     d_v = tl.arange(0, BLOCK_V)
     q = tl.load(Q + b * stride_qb + h * stride_qh + d_qk, mask=d_qk < D_QK, other=0.0).to(tl.float32)
     q = q * scale_log2
+    # this step's key and value: written to the cache once, read from here (the cache's row t may not be written yet)
+    k_new = tl.load(KN + b * stride_knb + h * stride_knh + d_qk, mask=d_qk < D_QK, other=0.0)
+    v_new = tl.load(VN + b * stride_vnb + h * stride_vnh + d_v, mask=d_v < D_V, other=0.0)
+    if split == 0:
+        tl.store(K + b * stride_kb + h * stride_kh + t * stride_kn + d_qk, k_new, mask=d_qk < D_QK)
+        tl.store(V + b * stride_vb + h * stride_vh + t * stride_vn + d_v, v_new, mask=d_v < D_V)
+    k_new = k_new.to(tl.float32)
+    v_new = v_new.to(tl.float32)
     m_i = tl.max(tl.full([BLOCK_K], float("-inf"), tl.float32), axis=0)
     l_i = tl.sum(tl.zeros([BLOCK_K], tl.float32), axis=0)
     acc = tl.zeros([BLOCK_V], tl.float32)
@@ -52,9 +62,12 @@ def _decode_partial(
         offs = k0 + tl.arange(0, BLOCK_K)
         delta = tl.load(row + offs, mask=offs < end, other=2147483647)
         valid = delta <= t
-        key = tl.where(valid, t - delta, 0)
+        is_new = delta == 0
+        cached = valid & (delta != 0)
+        key = tl.where(cached, t - delta, 0)
         k = tl.load(K + b * stride_kb + h * stride_kh + key[:, None] * stride_kn + d_qk[None, :],
-                    mask=valid[:, None] & (d_qk[None, :] < D_QK), other=0.0).to(tl.float32)
+                    mask=cached[:, None] & (d_qk[None, :] < D_QK), other=0.0).to(tl.float32)
+        k = tl.where(is_new[:, None], k_new[None, :], k)
         s = tl.sum(k * q[None, :], axis=1)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
@@ -62,7 +75,8 @@ def _decode_partial(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe)
         v = tl.load(V + b * stride_vb + h * stride_vh + key[:, None] * stride_vn + d_v[None, :],
-                    mask=valid[:, None] & (d_v[None, :] < D_V), other=0.0).to(tl.float32)
+                    mask=cached[:, None] & (d_v[None, :] < D_V), other=0.0).to(tl.float32)
+        v = tl.where(is_new[:, None], v_new[None, :], v)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         m_i = m_new
@@ -105,8 +119,10 @@ def _default_splits(programs: int, tiles: int, device: torch.device) -> int:
     return max(1, min(tiles, math.ceil(2 * sms / programs)))
 
 
-def triton_decode_attention(
+def triton_decode_step(
     q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     table: DecodeTable,
@@ -115,15 +131,15 @@ def triton_decode_attention(
     splits: int | None = None,
     block_k: int = 64,
 ) -> torch.Tensor:
-    """Same contract as :func:`~lightning_sparse.kernels.decode.decode_attention`, as one or two Triton launches.
+    """Same contract as :func:`~lightning_sparse.kernels.decode.decode_step`, as one or two Triton launches.
 
     The last dimension of every input must be contiguous; ``splits`` overrides the split-K count (tests).
     """
     b, h, _, d_qk = q.shape
     d_v = v_cache.shape[-1]
-    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+    for name, x in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
         if x.stride(-1) != 1:
-            raise ValueError(f"triton_decode_attention: {name} needs a contiguous last dimension; got {x.stride()}.")
+            raise ValueError(f"triton_decode_step: {name} needs a contiguous last dimension; got {x.stride()}.")
     offsets = table.offsets
     width = table.width
     tiles = triton.cdiv(width, block_k)
@@ -134,12 +150,12 @@ def triton_decode_attention(
     block_qk, block_v = triton.next_power_of_2(d_qk), triton.next_power_of_2(d_v)
     common = dict(D_QK=d_qk, D_V=d_v, BLOCK_QK=block_qk, BLOCK_V=block_v, BLOCK_K=block_k)
     args = (
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), offsets.stride(0), offsets.stride(1),
     )
     if splits == 1:
         _decode_partial[(b * h, 1)](
-            q, k_cache, v_cache, offsets, position, out, out, out, *args,
+            q, k, v, k_cache, v_cache, offsets, position, out, out, out, *args,
             out.stride(0), out.stride(1), 0, 0, 0, h, width, table.period, keys_per_split, scale * LOG2E,
             SINGLE=True, **common,
         )
@@ -148,7 +164,7 @@ def triton_decode_attention(
     m = torch.empty(b, h, splits, device=q.device, dtype=torch.float32)
     lse = torch.empty_like(m)
     _decode_partial[(b * h, splits)](
-        q, k_cache, v_cache, offsets, position, part, m, lse, *args,
+        q, k, v, k_cache, v_cache, offsets, position, part, m, lse, *args,
         part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1),
         h, width, table.period, keys_per_split, scale * LOG2E, SINGLE=False, **common,
     )

@@ -10,6 +10,7 @@ only tables are these per-launch head lists, cached per (pattern, heads, device)
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -133,9 +134,15 @@ def head_tables(launch: Launch, device: torch.device) -> tuple[torch.Tensor, tor
     key = (launch, str(device))
     tables = _DEVICE_TABLES.get(key)
     if tables is None:
-        tables = (
-            torch.tensor(launch.heads, dtype=torch.int32, device=device),
-            torch.tensor(launch.starts, dtype=torch.int32, device=device),
-        )
+        # Made on a side stream: a CUDA-graph warm-up (torch.compile's cudagraph trees) routes the current stream's
+        # allocations into its private pool, and a table cached from there would be a live, untracked pool tensor.
+        side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            tables = (
+                torch.tensor(launch.heads, dtype=torch.int32, device=device),
+                torch.tensor(launch.starts, dtype=torch.int32, device=device),
+            )
+        if side is not None:
+            side.synchronize()
         _DEVICE_TABLES[key] = tables
     return tables

@@ -1,9 +1,11 @@
-"""The Triton kernels as PyTorch custom operators: ``torch.ops.lightning_sparse.attention_forward`` / ``_backward``.
+"""The Triton kernels as PyTorch custom operators: ``torch.ops.lightning_sparse.attention_forward`` / ``_backward``
+for separate q, k, v, and ``attention_qkv_forward`` / ``_backward`` for the model's packed projection (one input,
+heads merged in the output, one packed gradient: no split, transpose or concatenation copies around attention).
 
 Registered with ``torch.library.custom_op``, so ``torch.compile`` treats each as one opaque node (Inductor fuses
 everything around it and never re-compiles the Triton code), fake-tensor shape propagation works through
 ``register_fake``, and ``register_autograd`` ties the backward op to the forward one. Selective activation
-checkpointing sees the forward op by name (:data:`ATTENTION_OPS`), so a policy can save its output instead of
+checkpointing sees the forward ops by name (:data:`ATTENTION_OPS`), so a policy can save its output instead of
 recomputing it.
 
 The pattern travels through the op schema as a string key, its ``repr`` (e.g. ``"Strided(stride=128)"``):
@@ -21,9 +23,18 @@ import torch
 
 from . import patterns as _patterns
 from . import triton_backend
+from .attention import split_qkv
 from .patterns import Pattern
 
-__all__ = ["ATTENTION_OPS", "attention_backward", "attention_forward", "pattern_from_key", "pattern_key"]
+__all__ = [
+    "ATTENTION_OPS",
+    "attention_backward",
+    "attention_forward",
+    "attention_qkv_backward",
+    "attention_qkv_forward",
+    "pattern_from_key",
+    "pattern_key",
+]
 
 _SEEN: dict[str, Pattern] = {}
 _CLASSES = {
@@ -71,15 +82,16 @@ def _build(node: ast.AST):
 def attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused sparse attention forward: ``(out [b, h, n, d_v] in q's dtype, lse [b, h, n] float32)``, contiguous."""
+    """Fused sparse attention forward: ``(out [b, h, n, d_v] in q's dtype, lse [b, h, n] float32)``; out is stored
+    as ``[b, n, h, d_v]`` (:func:`.triton_backend.empty_out`)."""
     plan = triton_backend.launch_plan(pattern_from_key(pattern), q.shape[1])
-    return _contiguous_and_distinct(triton_backend._forward(q, k, v, plan, scale))
+    return triton_backend._forward(q, k, v, plan, scale)
 
 
 @attention_forward.register_fake
 def _(q, k, v, pattern, scale):
     b, h, n, _ = q.shape
-    return q.new_empty((b, h, n, v.shape[-1])), q.new_empty((b, h, n), dtype=torch.float32)
+    return triton_backend.empty_out(q, v.shape[-1]), q.new_empty((b, h, n), dtype=torch.float32)
 
 
 @torch.library.custom_op("lightning_sparse::attention_backward", mutates_args=())
@@ -95,22 +107,7 @@ def attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused sparse attention backward: ``(dq, dk, dv)`` shaped like ``(q, k, v)``, contiguous."""
     plan = triton_backend.launch_plan(pattern_from_key(pattern), q.shape[1])
-    return _contiguous_and_distinct(triton_backend._backward(q, k, v, out, lse, grad_out, plan, scale))
-
-
-def _contiguous_and_distinct(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """The results as the fake implementations promise them: contiguous, none sharing storage with another.
-
-    A no-op for kernels that allocate each result on its own; one sharing a buffer with an earlier result is copied
-    (a custom op's outputs must not alias each other).
-    """
-    seen: set[int] = set()
-    out = []
-    for t in tensors:
-        ptr = t.untyped_storage().data_ptr()
-        out.append(t.clone(memory_format=torch.contiguous_format) if ptr in seen else t.contiguous())
-        seen.add(ptr)
-    return tuple(out)
+    return triton_backend._backward(q, k, v, out, lse, grad_out, plan, scale)
 
 
 @attention_backward.register_fake
@@ -118,10 +115,65 @@ def _(q, k, v, out, lse, grad_out, pattern, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, whatever q, k, v are
 
 
+# The packed form: one projection output in, heads merged out, one packed gradient back (what the model calls).
+
+
+def _merged_out(out: torch.Tensor) -> torch.Tensor:
+    """``[b, h, n, d_v]`` → ``[b, n, h·d_v]``: a view of :func:`.triton_backend.empty_out`'s storage."""
+    b, h, n, d_v = out.shape
+    return out.transpose(1, 2).reshape(b, n, h * d_v)
+
+
+@torch.library.custom_op("lightning_sparse::attention_qkv_forward", mutates_args=())
+def attention_qkv_forward(
+    qkv: torch.Tensor, heads: int, d_qk: int, pattern: str, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused sparse attention of a packed projection ``qkv [b, n, heads·(2·d_qk + d_v)]`` (query heads, key heads,
+    value heads; :func:`.attention.split_qkv`): ``(out [b, n, heads·d_v], lse [b, heads, n] float32)``."""
+    q, k, v = split_qkv(qkv, heads, d_qk)
+    out, lse = triton_backend._forward(q, k, v, triton_backend.launch_plan(pattern_from_key(pattern), heads), scale)
+    return _merged_out(out), lse
+
+
+@attention_qkv_forward.register_fake
+def _(qkv, heads, d_qk, pattern, scale):
+    q, _, v = split_qkv(qkv, heads, d_qk)
+    b, h, n, _ = q.shape
+    return _merged_out(triton_backend.empty_out(q, v.shape[-1])), qkv.new_empty((b, h, n), dtype=torch.float32)
+
+
+@torch.library.custom_op("lightning_sparse::attention_qkv_backward", mutates_args=())
+def attention_qkv_backward(
+    qkv: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    heads: int,
+    d_qk: int,
+    pattern: str,
+    scale: float,
+) -> torch.Tensor:
+    """The gradient of ``qkv`` (contiguous, ``qkv``'s shape), its three parts written in place by the kernels."""
+    q, k, v = split_qkv(qkv, heads, d_qk)
+    grad = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+    b, n, _ = qkv.shape
+    d_v = v.shape[-1]
+    heads_view = (b, n, heads, d_v)
+    o, do = (t.reshape(heads_view).transpose(1, 2) for t in (out, grad_out))
+    plan = triton_backend.launch_plan(pattern_from_key(pattern), heads)
+    triton_backend._backward(q, k, v, o, lse, do, plan, scale, grads=split_qkv(grad, heads, d_qk))
+    return grad
+
+
+@attention_qkv_backward.register_fake
+def _(qkv, out, lse, grad_out, heads, d_qk, pattern, scale):
+    return qkv.new_empty(qkv.shape)
+
+
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, pattern, scale = inputs
+    *tensors, pattern, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(*tensors, out, lse)
     ctx.pattern, ctx.scale = pattern, scale
     ctx.mark_non_differentiable(lse)  # the log-sum-exp is saved for the backward, not a differentiable result
 
@@ -132,7 +184,25 @@ def _backward(ctx, grad_out, _grad_lse):
     return dq, dk, dv, None, None
 
 
+def _setup_qkv_context(ctx, inputs, output) -> None:
+    qkv, heads, d_qk, pattern, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.heads, ctx.d_qk, ctx.pattern, ctx.scale = heads, d_qk, pattern, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _qkv_backward(ctx, grad_out, _grad_lse):
+    qkv, out, lse = ctx.saved_tensors
+    grad = attention_qkv_backward(qkv, out, lse, grad_out, ctx.heads, ctx.d_qk, ctx.pattern, ctx.scale)
+    return grad, None, None, None, None
+
+
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
+attention_qkv_forward.register_autograd(_qkv_backward, setup_context=_setup_qkv_context)
 
 # The overloads a selective-activation-checkpointing policy names to keep attention outputs (see the README).
-ATTENTION_OPS = (torch.ops.lightning_sparse.attention_forward.default,)
+ATTENTION_OPS = (
+    torch.ops.lightning_sparse.attention_forward.default,
+    torch.ops.lightning_sparse.attention_qkv_forward.default,
+)

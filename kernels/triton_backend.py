@@ -127,15 +127,26 @@ def _parts(launch: Launch) -> dict[str, Any]:
     return {"BAND": launch.band, "OFF": launch.offset, "SUMMARY": launch.summary, "MERGE": launch.merge}
 
 
+def empty_out(q: torch.Tensor, d_v: int) -> torch.Tensor:
+    """The forward's output ``[b, h, n, d_v]``, stored as ``[b, n, h, d_v]`` (as FlashAttention does), so that the
+    model's merge of the heads, ``out.transpose(1, 2).reshape(b, n, h·d_v)``, is a view and not a copy; contiguous
+    ``[b, h, n, d_v]`` where a row of the merged layout would pass the kernels' 32-bit offsets. Shared by the
+    custom op's fake, so that traced and real strides agree."""
+    b, h, n, _ = q.shape
+    if (n - 1) * h * d_v + h * d_v >= 2**31:
+        return q.new_empty((b, h, n, d_v))
+    return q.new_empty((b, n, h, d_v)).transpose(1, 2)
+
+
 def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: tuple[Launch, ...], scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the plan's forward launches: out ``[b, h, n, d_v]`` in the inputs' dtype and the base-2 LSE
-    ``[b, h, n]`` in float32 (-inf for rows that see no key)."""
+    """Run the plan's forward launches: out ``[b, h, n, d_v]`` (:func:`empty_out`) in the inputs' dtype and the
+    base-2 LSE ``[b, h, n]`` in float32 (-inf for rows that see no key)."""
     kern = _kernels()
     b, h, n, d_qk = q.shape
     d_v = v.shape[-1]
-    out = torch.empty((b, h, n, d_v), dtype=q.dtype, device=q.device)
+    out = empty_out(q, d_v)
     lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
     f32 = _f32_dots(q.dtype)
     for launch in plan:
@@ -163,9 +174,11 @@ def _backward(
     do: torch.Tensor,
     plan: tuple[Launch, ...],
     scale: float,
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the plan's backward launches (after one delta = rowsum(dO·O) pass): dq, dk ``[b, h, n, d_qk]`` and
-    dv ``[b, h, n, d_v]`` in the inputs' dtype."""
+    dv ``[b, h, n, d_v]`` in the inputs' dtype, written into ``grads`` when given (dq and dk with equal strides,
+    e.g. views of one packed gradient), else into fresh contiguous tensors."""
     kern = _kernels()
     b, h, n, d_qk = q.shape
     d_v = v.shape[-1]
@@ -173,9 +186,14 @@ def _backward(
     kern._delta_kernel[(-(-n // 64), b * h)](
         out, do, delta, *out.stride(), *do.stride(), n, h, DV=d_v, BM=64, num_warps=4
     )
-    grad_qk = torch.empty((2, b, h, n, d_qk), dtype=q.dtype, device=q.device)
-    dq, dk = grad_qk[0], grad_qk[1]
-    dv = torch.empty((b, h, n, d_v), dtype=q.dtype, device=q.device)
+    if grads is None:
+        grads = (torch.empty_like(q, memory_format=torch.contiguous_format),
+                 torch.empty_like(k, memory_format=torch.contiguous_format),
+                 torch.empty_like(v, memory_format=torch.contiguous_format))  # fmt: skip
+    dq, dk, dv = grads
+    if dq.stride() != dk.stride():
+        raise ValueError(f"the dq and dk buffers must share strides (one layout in the kernels), got {dq.stride()} "
+                         f"and {dk.stride()}.")  # fmt: skip
     f32 = _f32_dots(q.dtype)
     for launch in plan:
         heads, starts = head_tables(launch, q.device)
@@ -213,13 +231,31 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     ``torch.ops.lightning_sparse.attention_forward`` custom operator (opaque to ``torch.compile``). Rows that see
     no key (possible only for standalone parts such as ``FixedSummary``) give zeros.
     """
-    _validate(q, k, v)
-    if not torch.compiler.is_compiling():  # eager: fail before any launch; compiled: checked when first traced
-        launch_plan(pattern, q.shape[1])  # a pattern without kernels raises here
-        _kernels()
-    from .ops import attention_forward, pattern_key
+    from .ops import attention_forward
 
-    # compiled code reads the key as a constant attribute (torch 2.11 cannot pass a frozen dataclass to a helper)
-    key = pattern.op_key if torch.compiler.is_compiling() else pattern_key(pattern)
-    out, _ = attention_forward(q, k, v, key, scale)
+    out, _ = attention_forward(q, k, v, _prepare(q, k, v, pattern), scale)
     return out
+
+
+def triton_attention_qkv(qkv: torch.Tensor, heads: int, d_qk: int, pattern: Pattern, scale: float) -> torch.Tensor:
+    """:func:`triton_attention` of the packed projection ``qkv`` (see :func:`.attention.split_qkv`), returning the
+    heads merged, ``[batch, n, heads·d_v]``. Runs ``torch.ops.lightning_sparse.attention_qkv_forward``, whose
+    backward writes one packed gradient of ``qkv``: no split, transpose or concatenation copies around it."""
+    from .attention import split_qkv
+    from .ops import attention_qkv_forward
+
+    q, k, v = split_qkv(qkv, heads, d_qk)
+    out, _ = attention_qkv_forward(qkv, heads, d_qk, _prepare(q, k, v, pattern), scale)
+    return out
+
+
+def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern) -> str:
+    """Check this backend's rules and return the pattern's op key."""
+    _validate(q, k, v)
+    if torch.compiler.is_compiling():  # compiled code reads the key as a constant attribute (torch 2.11 cannot
+        return pattern.op_key  # pass a frozen dataclass to a helper); checked when the op is first traced
+    launch_plan(pattern, q.shape[1])  # eager: a pattern without kernels raises here, before any launch
+    _kernels()
+    from .ops import pattern_key
+
+    return pattern_key(pattern)

@@ -2,8 +2,8 @@
 
 Use: ``cache = KVCache(model, batch, length)``; ``model(prompt, cache=cache)`` is a normal forward pass (the
 training kernels) that also stores every layer's keys and values; after it, ``model(ids[:, None], cache=cache)``
-takes one position per call for the whole batch: each layer writes the new key/value at ``cache.position`` and its
-query attends only to the keys of its pattern, gathered through the pattern's decode table
+takes one position per call for the whole batch: each layer writes the new key/value at ``cache.position`` (inside
+the decode kernel on CUDA) and its query attends only to the keys of its pattern, gathered through the pattern's decode table
 (``lightning_sparse.kernels.decode``): O(n/l + l) keys for strided, not O(n).
 
 Buffers are allocated once, at the prompt, for ``length`` positions (no reallocation per step), in the dtype the
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lightning_sparse.kernels.decode import DecodeTable, decode_attention, decode_table
+from lightning_sparse.kernels.decode import DecodeTable, decode_step, decode_table
 
 if TYPE_CHECKING:
     from lightning_sparse.model import SparseTransformer
@@ -58,32 +58,32 @@ class LayerCache:
         """True after the prompt: calls take one position and attend through the cache."""
         return self.owner.decoding
 
-    def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Keep this call's keys and values: the prompt at positions ``[0, n)``, a decoding step at ``position``."""
+    def prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep the prompt's keys and values (positions ``[0, n)``) in buffers for the cache's whole length."""
         owner = self.owner
-        if k.shape[0] != owner.batch:
-            raise ValueError(f"KVCache: built for batch {owner.batch}, got a batch of {k.shape[0]}.")
-        if not self.decoding:
-            b, h, n, _ = k.shape
-            if n > owner.length:
-                raise ValueError(f"KVCache: a prompt of {n} positions does not fit a cache of length {owner.length}.")
-            self.k = k.new_empty(b, h, owner.length, k.shape[-1])
-            self.v = v.new_empty(b, h, owner.length, v.shape[-1])
-            self.k[:, :, :n] = k
-            self.v[:, :, :n] = v
-            return
-        if k.shape[2] != 1:
-            raise ValueError(f"KVCache: after the prompt every call takes one position, got {k.shape[2]}.")
-        self.k.index_copy_(2, owner.position, k)
-        self.v.index_copy_(2, owner.position, v)
+        b, h, n, _ = k.shape
+        if b != owner.batch:
+            raise ValueError(f"KVCache: built for batch {owner.batch}, got a batch of {b}.")
+        if n > owner.length:
+            raise ValueError(f"KVCache: a prompt of {n} positions does not fit a cache of length {owner.length}.")
+        self.k = k.new_empty(b, h, owner.length, k.shape[-1])
+        self.v = v.new_empty(b, h, owner.length, v.shape[-1])
+        self.k[:, :, :n] = k
+        self.v[:, :, :n] = v
 
-    def attend(self, q: torch.Tensor, scale: float) -> torch.Tensor:
-        """Attention of the one new query ``[B, H, 1, d_qk]`` to its pattern's cached keys → ``[B, H, 1, d_v]``."""
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """One decoding step: store the new key/value ``[B, H, 1, ·]`` at ``position`` and attend the new query to
+        its pattern's cached keys → ``[B, H, 1, d_v]``."""
+        if q.shape[0] != self.owner.batch:
+            raise ValueError(f"KVCache: built for batch {self.owner.batch}, got a batch of {q.shape[0]}.")
+        if q.shape[2] != 1:
+            raise ValueError(f"KVCache: after the prompt every call takes one position, got {q.shape[2]}.")
+        args = (q, k, v, self.k, self.v, self.table, self.owner.position, scale)
         if self.backend == "triton":
-            from lightning_sparse.kernels.decode_triton import triton_decode_attention
+            from lightning_sparse.kernels.decode_triton import triton_decode_step
 
-            return triton_decode_attention(q, self.k, self.v, self.table, self.owner.position, scale)
-        return decode_attention(q, self.k, self.v, self.table, self.owner.position, scale)
+            return triton_decode_step(*args)
+        return decode_step(*args)
 
 
 class KVCache:
@@ -108,10 +108,15 @@ class KVCache:
         self.decoding = False
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         backend = _decode_backend(config.attention_backend, device)
+        self.position_table = model.pos_emb(length).detach()  # one row read per step, not the per-axis sum
         self.layers = [
             LayerCache(self, _table(config.layer_pattern(r), length, config.n_head, str(device)), backend)
             for r in range(config.n_layer)
         ]
+
+    def position_embeddings(self) -> torch.Tensor:
+        """The position embedding of the step at ``position``, ``[1, d_model]`` (on the device: graph-safe)."""
+        return self.position_table.index_select(0, self.position)
 
     def advance(self, n: int) -> None:
         """Called by the model after every forward: the prompt fills ``[0, n)``; a step moves on by one."""

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_sparse.kernels import BACKENDS, Dense, Interleaved, Pattern, sparse_attention
+from lightning_sparse.kernels import BACKENDS, Dense, Interleaved, Pattern, sparse_attention_qkv, split_qkv
 
 if TYPE_CHECKING:  # the KV cache of incremental decoding (lightning_sparse.kv_cache), optional in every forward
     from lightning_sparse.kv_cache import KVCache, LayerCache
@@ -237,14 +237,6 @@ class PositionEmbedding(nn.Module):
             total = total + table.view(view)  # broadcasts to [*shape, d_model]
         return total.reshape(-1, total.shape[-1])[:n]
 
-    def at(self, position: torch.Tensor) -> torch.Tensor:
-        """Embeddings of the positions in the int64 tensor ``position`` (``[m]`` → ``[m, d_model]``), on-device."""
-        total, inner = 0, 1
-        for size, table in reversed(list(zip(self.shape, self.tables(), strict=True))):
-            total = total + table[(position // inner) % size]  # the row-major coordinate of this axis
-            inner *= size
-        return total
-
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """GELU approximation ``x·sigmoid(1.702x)`` [P §5.2; DA 'quick_gelu']."""
@@ -257,7 +249,7 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 class SparseSelfAttention(nn.Module):
-    """Multi-head causal self-attention restricted to one pattern, through ``kernels.sparse_attention``.
+    """Multi-head causal self-attention restricted to one pattern, through ``kernels.sparse_attention_qkv``.
 
     Query/key heads have width ``d_qk / n_head`` (``qk_ratio``), value heads ``d_model / n_head``, passed to
     ``sparse_attention`` as they are (no padding); scores are scaled by ``1/√(query head width)`` as [RC]. Init [DA]: q, k, v std √(0.125/d_model); the output
@@ -276,16 +268,18 @@ class SparseSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         b, n, _ = x.shape
-        q, k, v = self.qkv(x).split([self.d_qk, self.d_qk, self.d_v], dim=-1)
-        q, k, v = (t.view(b, n, self.n_head, -1).transpose(1, 2) for t in (q, k, v))  # [b, h, n, head]
+        qkv = self.qkv(x)
+        head_qk = self.d_qk // self.n_head
+        scale = 1.0 / math.sqrt(head_qk)
         if cache is not None:  # incremental decoding: keep k, v; one new position attends through the cache
-            cache.store(k, v)
+            q, k, v = split_qkv(qkv, self.n_head, head_qk)  # [b, h, n, head] views
             if cache.decoding:
-                y = cache.attend(q, scale=1.0 / math.sqrt(q.shape[-1]))
+                y = cache.step(q, k, v, scale=scale)
                 return self.proj(y.transpose(1, 2).reshape(b, n, self.d_v))
-        y = sparse_attention(q, k, v, self.pattern, scale=1.0 / math.sqrt(q.shape[-1]), backend=self.backend)
-        y = y.transpose(1, 2).reshape(b, n, self.d_v)
-        return self.proj(y)
+            cache.prefill(k, v)
+        # the packed form: on the triton backend no split/merge copies, one packed gradient of the projection
+        return self.proj(sparse_attention_qkv(qkv, self.n_head, head_qk, self.pattern, scale=scale,
+                                              backend=self.backend))  # fmt: skip
 
 
 class FeedForward(nn.Module):
@@ -333,9 +327,8 @@ class Block(nn.Module):
         return branch(h, *args)
 
     def forward(self, h: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        a = self._run(self.attention_branch, h, cache)
-        b = self._run(self.feed_forward_branch, h + a)
-        return h + a + b
+        h = h + self._run(self.attention_branch, h, cache)  # H + a, computed once
+        return h + self._run(self.feed_forward_branch, h)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -379,7 +372,7 @@ class SparseTransformer(nn.Module):
         if not 0 < n <= self.config.seq_len:
             raise ValueError(f"SparseTransformer: input length {n} must be in [1, seq_len={self.config.seq_len}].")
         decoding = cache is not None and cache.decoding
-        h = self.token_emb(idx) + (self.pos_emb.at(cache.position) if decoding else self.pos_emb(n))
+        h = self.token_emb(idx) + (cache.position_embeddings() if decoding else self.pos_emb(n))
         for r, block in enumerate(self.blocks):
             h = block(h, None if cache is None else cache.layers[r])
         if cache is not None:

@@ -1,10 +1,11 @@
 """Custom ops and torch.compile on a CUDA GPU (``pytest -m gpu tests/test_gpu_train.py``).
 
-* ``torch.library.opcheck`` of both ``lightning_sparse`` ops on CUDA tensors;
+* ``torch.library.opcheck`` of the ``lightning_sparse`` ops (separate and packed q, k, v) on CUDA tensors;
 * one residual block compiled with ``fullgraph=True`` (triton ops, and Dense on sdpa) gives the eager outputs and
   gradients within bf16 tolerance;
 * a small model trained 20 steps eager and with per-block ``torch.compile`` (recomputation inside the compiled
-  blocks, fused AdamW, bf16 autocast) gives the same losses within bf16 tolerance;
+  blocks, fused AdamW, bf16 autocast), also with CUDA graphs (``mode="reduce-overhead"``), gives the same losses
+  within bf16 tolerance;
 * the sdpa backend with separate query/key and value widths (padded for FlashAttention) against the reference.
 """
 
@@ -42,6 +43,11 @@ def test_opcheck_on_cuda(pattern, dtype):
     torch.library.opcheck(ops.attention_forward, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), key, 0.125))
     out, lse = ops.attention_forward(q.detach(), k.detach(), v.detach(), key, 0.125)
     torch.library.opcheck(ops.attention_backward, (q.detach(), k.detach(), v.detach(), out, lse, do, key, 0.125))
+    qkv = torch.randn(2, 300, 4 * (32 + 32 + 64), device="cuda", generator=g).to(dtype)  # the model's packed form
+    torch.library.opcheck(ops.attention_qkv_forward, (qkv.clone().requires_grad_(), 4, 32, key, 0.125))
+    out, lse = ops.attention_qkv_forward(qkv, 4, 32, key, 0.125)
+    do = torch.randn_like(out)
+    torch.library.opcheck(ops.attention_qkv_backward, (qkv, out, lse, do, 4, 32, key, 0.125))
 
 
 def _block_results(block, x, compiled: bool):
@@ -72,17 +78,19 @@ def test_compiled_block_traces_fullgraph_and_matches_eager(pattern, backend, qk_
         assert err <= 2e-2, f"{name}: relative error {err:.2e}"
 
 
-def _train(compiled: bool, steps: int = 20) -> list[float]:
+def _train(compiled: bool, steps: int = 20, mode: str | None = None) -> list[float]:
     torch.manual_seed(0)
     model = SparseTransformer(_config(Strided(64), "triton", n_layer=3, recompute=True)).cuda()
     if compiled:
-        compile_blocks(model)
+        compile_blocks(model, mode=mode)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     gen = torch.Generator(device="cuda").manual_seed(1)
     motif = torch.randint(0, 16, (4, 64), device="cuda", generator=gen)  # 16 byte values, repeated: learnable
     losses = []
     for step in range(steps):
         x = motif[:, torch.arange(1025, device="cuda") % 64].roll(step, dims=1)
+        if mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # as DensityModel.forward does: a new step's graphs
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(x[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, 256), x[:, 1:].reshape(-1))
@@ -94,9 +102,10 @@ def _train(compiled: bool, steps: int = 20) -> list[float]:
     return losses
 
 
-def test_compiled_and_eager_training_give_the_same_losses():
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"], ids=["default", "cudagraphs"])
+def test_compiled_and_eager_training_give_the_same_losses(mode):
     torch._dynamo.reset()
-    eager, compiled = _train(False), _train(True)
+    eager, compiled = _train(False), _train(True, mode=mode)
     print(f"eager {eager}\ncompiled {compiled}")
     for step, (a, b) in enumerate(zip(eager, compiled, strict=True)):
         assert math.isfinite(b) and abs(a - b) <= 2e-2 * abs(a) + 1e-3, (step, eager, compiled)

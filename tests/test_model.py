@@ -115,17 +115,17 @@ def test_half_width_queries_match_explicit_attention():
 
 
 def test_attention_gets_unpadded_query_key_and_value_widths(monkeypatch):
-    """qk_ratio=0.5: sparse_attention sees q, k of head width 4 and v of 8 (no zero padding), on every backend."""
+    """qk_ratio=0.5: attention sees q, k of head width 4 and v of 8 (no zero padding), on every backend."""
     import lightning_sparse.model as model_module
+    from lightning_sparse.kernels import sparse_attention_qkv, split_qkv
 
     seen = []
 
-    def spy(q, k, v, pattern, **kw):
-        seen.append((q.shape, k.shape, v.shape, kw["scale"]))
-        return model_module.sparse_attention.__wrapped__(q, k, v, pattern, **kw)
+    def spy(qkv, heads, d_qk, pattern, **kw):
+        seen.append((*(t.shape for t in split_qkv(qkv, heads, d_qk)), kw["scale"]))
+        return sparse_attention_qkv(qkv, heads, d_qk, pattern, **kw)
 
-    spy.__wrapped__ = model_module.sparse_attention
-    monkeypatch.setattr(model_module, "sparse_attention", spy)
+    monkeypatch.setattr(model_module, "sparse_attention_qkv", spy)
     torch.manual_seed(0)
     x = torch.randint(0, 256, (2, 32))
     outs = []

@@ -24,6 +24,8 @@ from lightning_sparse.kernels import (
     Strided,
     StridedColumns,
     sparse_attention,
+    sparse_attention_qkv,
+    split_qkv,
 )
 from lightning_sparse.kernels.ops import ATTENTION_OPS, pattern_from_key, pattern_key
 from lightning_sparse.model import Block, SparseTransformerConfig
@@ -103,8 +105,36 @@ def test_fake_tensors_propagate_shapes_and_dtypes():
         assert lse.shape == (2, 4, 100) and lse.dtype == torch.float32
         dq, dk, dv = OPS.attention_backward(q, k, v, out, lse, torch.empty_like(out), key, 0.125)
         assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
-        assert dq.is_contiguous() and out.is_contiguous()
+        assert dq.is_contiguous() and out.transpose(1, 2).is_contiguous()  # out is stored [b, n, h, d_v]
         assert dq.dtype == dk.dtype == dv.dtype == torch.bfloat16
+        qkv = torch.empty(2, 100, 4 * (32 + 32 + 64), dtype=torch.bfloat16)
+        out, lse = OPS.attention_qkv_forward(qkv, 4, 32, key, 0.125)
+        assert out.shape == (2, 100, 4 * 64) and out.is_contiguous() and lse.shape == (2, 4, 100)
+        grad = OPS.attention_qkv_backward(qkv, out, lse, torch.empty_like(out), 4, 32, key, 0.125)
+        assert grad.shape == qkv.shape and grad.is_contiguous() and grad.dtype == torch.bfloat16
+
+
+@in_parent
+@pytest.mark.parametrize(("width", "heads", "d_qk"), [(101, 4, 8), (96, 0, 8), (96, 4, 12)])
+def test_split_qkv_names_the_rule(width, heads, d_qk):
+    with pytest.raises(ValueError, match="heads·\\(2·d_qk \\+ d_v\\)"):
+        split_qkv(torch.zeros(1, 5, width), heads, d_qk)
+
+
+@in_parent
+def test_packed_attention_equals_split_attention_on_the_torch_backend():
+    """sparse_attention_qkv = split the projection, attend, merge the heads (values and the gradient of qkv)."""
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(2, 40, 3 * (16 + 16 + 24), generator=g, requires_grad=True)
+    grad = torch.randn(2, 40, 3 * 24, generator=g)
+    pattern = Fixed(8, 2, (0, 1, 2))
+    packed = sparse_attention_qkv(qkv, 3, 16, pattern, backend="torch")
+    (g_packed,) = torch.autograd.grad(packed, qkv, grad)
+    q, k, v = split_qkv(qkv, 3, 16)
+    split = sparse_attention(q, k, v, pattern, backend="reference").transpose(1, 2).reshape(2, 40, 72)
+    (g_split,) = torch.autograd.grad(split, qkv, grad)
+    torch.testing.assert_close(packed, split, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_packed, g_split, rtol=1e-5, atol=1e-6)
 
 
 @in_parent
@@ -142,6 +172,34 @@ def test_opcheck(pattern, d_v):
     torch.library.opcheck(OPS.attention_forward, (q, k, v, key, 0.2))
     out, lse = OPS.attention_forward(q.detach(), k.detach(), v.detach(), key, 0.2)
     torch.library.opcheck(OPS.attention_backward, (q.detach(), k.detach(), v.detach(), out, lse, do, key, 0.2))
+    qkv = torch.cat([t.detach().transpose(1, 2).flatten(2) for t in (q, k, v)], dim=-1).requires_grad_()
+    torch.library.opcheck(OPS.attention_qkv_forward, (qkv, 2, 32, key, 0.2))
+    out, lse = OPS.attention_qkv_forward(qkv.detach(), 2, 32, key, 0.2)
+    do = do.transpose(1, 2).flatten(2)
+    torch.library.opcheck(OPS.attention_qkv_backward, (qkv.detach(), out, lse, do, 2, 32, key, 0.2))
+
+
+@in_child
+@pytest.mark.parametrize(
+    ("pattern", "d_qk", "d_v", "dtype"),
+    [(Strided(8), 32, 64, torch.float32), (Fixed(16, 4, (0, 1)), 64, 32, torch.float32),
+     (HeadSplit((Fixed(16, 4), Strided(8))), 32, 32, torch.bfloat16)],
+    ids=["strided_32_64", "fixed_per_head_64_32", "headsplit_bf16"],
+)  # fmt: skip
+def test_packed_op_matches_reference(pattern, d_qk, d_v, dtype):
+    """The packed triton op against the O(n²) reference: merged output and the packed gradient of qkv."""
+    heads, b, n = 2, 2, 56
+    g = torch.Generator().manual_seed(d_qk + d_v)
+    qkv = torch.randn(b, n, heads * (2 * d_qk + d_v), generator=g).to(dtype).requires_grad_()
+    grad = torch.randn(b, n, heads * d_v, generator=g).to(dtype)
+    results = []
+    for backend in ("triton", "reference"):
+        out = sparse_attention_qkv(qkv, heads, d_qk, pattern, backend=backend)
+        results.append((out, *torch.autograd.grad(out, qkv, grad)))
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+    for got, want in zip(*results, strict=True):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got.float(), want.float(), **tol)
 
 
 @in_child

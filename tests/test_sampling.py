@@ -27,7 +27,7 @@ from lightning_sparse.kernels import (
     StridedColumns,
     head_masks,
 )
-from lightning_sparse.kernels.decode import decode_attention, decode_table
+from lightning_sparse.kernels.decode import decode_step, decode_table
 from lightning_sparse.kv_cache import KVCache
 from lightning_sparse.model import START, SparseTransformer, SparseTransformerConfig
 from lightning_sparse.sampling import sample
@@ -277,22 +277,28 @@ KERNEL_CASES = [  # pattern, n, heads, d_qk, d_v, splits
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", range(len(KERNEL_CASES)))
 def test_triton_decode_matches_the_pytorch_decode(case, dtype):
-    from lightning_sparse.kernels.decode_triton import triton_decode_attention
+    from lightning_sparse.kernels.decode_triton import triton_decode_step
 
     pattern, n, heads, d_qk, d_v, splits = KERNEL_CASES[case]
     gen = torch.Generator().manual_seed(case)
     table = decode_table(pattern, n, heads)
     b = 2
-    k = torch.randn(b, heads, n, d_qk, generator=gen).to(dtype)
-    v = torch.randn(b, heads, n, d_v, generator=gen).to(dtype)
+    k_ref = torch.randn(b, heads, n, d_qk, generator=gen).to(dtype)
+    v_ref = torch.randn(b, heads, n, d_v, generator=gen).to(dtype)
+    k_cache, v_cache = k_ref.clone(), v_ref.clone()
     for t in sorted({0, 1, 7, 8, 9, n // 2, n - 1}):
         q = torch.randn(b, heads, 1, d_qk, generator=gen).to(dtype)
+        k_new = torch.randn(b, heads, 1, d_qk, generator=gen).to(dtype)  # differs from the cache's stale row t
+        v_new = torch.randn(b, heads, 1, d_v, generator=gen).to(dtype)
         position = torch.tensor([t])
-        ref = decode_attention(q, k, v, table, position, scale=d_qk**-0.5).float()
-        out = triton_decode_attention(q, k, v, table, position, scale=d_qk**-0.5, splits=splits, block_k=16)
+        ref = decode_step(q, k_new, v_new, k_ref, v_ref, table, position, scale=d_qk**-0.5).float()
+        out = triton_decode_step(
+            q, k_new, v_new, k_cache, v_cache, table, position, scale=d_qk**-0.5, splits=splits, block_k=16
+        )
         assert out.shape == (b, heads, 1, d_v) and out.dtype == dtype
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+        assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)  # the kernel wrote row t, nothing else
 
 
 @in_parent

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lightning_sparse.kernels import Dense, Fixed, HeadSplit, Interleaved, Local, Strided, StridedColumns
-from lightning_sparse.kernels.decode import decode_attention, decode_table
+from lightning_sparse.kernels.decode import decode_step, decode_table
 from lightning_sparse.kv_cache import KVCache
 from lightning_sparse.model import SparseTransformer, SparseTransformerConfig
 from lightning_sparse.sampling import sample
@@ -58,20 +58,25 @@ def cached_logits(model, x, prompt):
     ],
 )
 def test_triton_decode_matches_pytorch_decode_at_paper_sizes(pattern, n, heads, d_qk, d_v, batch):
-    from lightning_sparse.kernels.decode_triton import triton_decode_attention
+    from lightning_sparse.kernels.decode_triton import triton_decode_step
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     table = decode_table(pattern, n, heads, "cuda")
     k = torch.randn(batch, heads, n, d_qk, device="cuda", generator=gen, dtype=torch.bfloat16)
     v = torch.randn(batch, heads, n, d_v, device="cuda", generator=gen, dtype=torch.bfloat16)
     for t in (0, 1, 127, 128, n // 2 + 3, n - 1):
-        q = torch.randn(batch, heads, 1, d_qk, device="cuda", generator=gen, dtype=torch.bfloat16)
+        q, k_new = (torch.randn(batch, heads, 1, d_qk, device="cuda", generator=gen, dtype=torch.bfloat16)
+                    for _ in range(2))  # fmt: skip
+        v_new = torch.randn(batch, heads, 1, d_v, device="cuda", generator=gen, dtype=torch.bfloat16)
         position = torch.tensor([t], device="cuda")
-        ref = decode_attention(q.double(), k.double(), v.double(), table, position, d_qk**-0.5)
-        out = triton_decode_attention(q, k, v, table, position, d_qk**-0.5).double()
-        plain = decode_attention(q, k, v, table, position, d_qk**-0.5).double()  # PyTorch ops, bf16 in and out
+        k_ref, v_ref = k.double(), v.double()
+        ref = decode_step(q.double(), k_new.double(), v_new.double(), k_ref, v_ref, table, position, d_qk**-0.5)
+        k_plain, v_plain = k.clone(), v.clone()
+        plain = decode_step(q, k_new, v_new, k_plain, v_plain, table, position, d_qk**-0.5).double()  # bf16 ops
+        out = triton_decode_step(q, k_new, v_new, k, v, table, position, d_qk**-0.5).double()
         err, plain_err = (out - ref).abs().max().item(), (plain - ref).abs().max().item()
         assert err <= 2 * plain_err + 1e-3, (t, err, plain_err)
+        assert torch.equal(k, k_plain) and torch.equal(v, v_plain)  # the kernel wrote the step's row
 
 
 @pytest.mark.parametrize("name", list(PATTERNS))
