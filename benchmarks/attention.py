@@ -323,6 +323,8 @@ SWEEP = {
                            B_(32, 64, 64, 32, 4, 2)],
     ("bwd", "strided", 64): [B_(32, 64, 64, 32, 4, 2, 168, True, True), B_(64, 64, 64, 64, 4, 2, 168, True)],
     ("bwd", "natural", 64): [B_(32, 128, 128, 32, 8, 3, 128), B_(32, 128, 128, 64, 8, 4, 128),
+                             B_(64, 128, 128, 64, 8, 3, 0), B_(32, 64, 128, 64, 4, 3, 168),
+                             B_(64, 64, 64, 64, 4, 3, 0),
                              B_(32, 128, 128, 64, 8, 3, 128, ordered_dq=True),
                              B_(64, 128, 128, 64, 8, 3, 0, ordered_dq=True),
                              B_(64, 64, 64, 64, 4, 3, 0, ordered_dq=True)],
@@ -449,7 +451,10 @@ def main(argv=None):
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compilation is most of a run)")
     ap.add_argument("--ordered-dq", action="store_true",
                     help="fixed-pattern backward with the summary part's dQ added in turn (BwdTiles.ordered_dq)")
+    ap.add_argument("--head-group", type=int, default=tb.HEAD_GROUP,
+                    help="heads scheduled together, longest programs first (1: each head's programs in turn)")
     args = ap.parse_args(argv)
+    tb.HEAD_GROUP = args.head_group
     if args.ordered_dq:
         for d_qk in tb.HEAD_DIMS:
             for d_v in tb.HEAD_DIMS:

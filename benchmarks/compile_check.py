@@ -24,8 +24,8 @@ from lightning_sparse.kernels import triton_backend as tb
 from lightning_sparse.kernels.launch_plan import launch_plan
 
 POINTERS = {"Q", "K", "V", "Out", "DO", "GRAD_Q", "GRAD_K", "GRAD_V"}
-FLOAT32_POINTERS = {"LSE", "DELTA"}
-INT32_POINTERS = {"HEADS", "STARTS"}
+FLOAT32_POINTERS = {"LSE", "DELTA", "ACC"}
+INT32_POINTERS = {"HEADS", "STARTS", "TURNS"}
 FLOATS = {"qk_scale", "scale"}
 
 
@@ -80,12 +80,14 @@ def main(argv=None) -> None:
             n_eff = -(-args.n // launch.stride)
             for kind in ("fwd", "bwd"):
                 t = tb._config(kind, launch, d_qk, d_v, torch.bfloat16, n_eff)
-                common = {**tb._parts(launch), "DQK": d_qk, "DV": d_v, "ONE_LOOP": t.one_loop, "F32": False}
+                common = {**tb._parts(launch), "DQK": d_qk, "DV": d_v, "ONE_LOOP": t.one_loop,
+                          "HEAD_GROUP": tb.HEAD_GROUP, "F32": False}
                 if kind == "fwd":
                     fn, const = kern._fwd_kernel, {**common, "BM": t.bm, "BN": t.bn}
                 else:
                     fn = kern._bwd_kernel
-                    const = {**common, "BM1": t.bm1, "BN1": t.bn1, "BM2": t.bm2, "BN2": t.bn2, "FUSED": t.fused}
+                    const = {**common, "BM1": t.bm1, "BN1": t.bn1, "BM2": t.bm2, "BN2": t.bn2, "FUSED": t.fused,
+                             "ORDERED_DQ": t.ordered_dq}
                 regs, stack = resources(fn, const, tb._launch_options(t), args.arch)
                 print(f"d_qk={d_qk:3d} d_v={d_v:3d} {kind}:{layout:8s} {t!r}: {regs} registers, {stack} B stack",
                       flush=True)

@@ -23,6 +23,9 @@ from .tiles import BwdTiles, FwdTiles, select_tiles
 HEAD_DIMS = (32, 64, 128)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 LOG2E = 1.4426950408889634  # the kernels use exp2
+# Heads whose programs a launch schedules together, longest first (triton_kernels._program): enough work to hide
+# the longest program of a causal or summary launch, few enough heads' keys to stay in L2.
+HEAD_GROUP = 16
 
 _KERNELS: Any = None
 
@@ -154,12 +157,13 @@ def _forward(
         groups = min(launch.stride, n)  # residue classes past n are empty; each class below n has one row then
         n_eff = -(-n // groups)
         t = _config("fwd", launch, d_qk, d_v, q.dtype, n_eff)
-        grid = (-(-n_eff // t.bm) * groups, b * len(launch.heads))
-        kern._fwd_kernel[grid](
+        bh = b * len(launch.heads)
+        kern._fwd_kernel[(-(-n_eff // t.bm) * groups * bh,)](
             q, k, v, out, lse, heads, starts,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            n, h, len(launch.heads), groups, scale * LOG2E, launch.width, launch.summary_stride, launch.summary_size,
-            **_parts(launch), DQK=d_qk, DV=d_v, BM=t.bm, BN=t.bn, ONE_LOOP=t.one_loop, F32=f32,
+            n, h, len(launch.heads), bh, groups, scale * LOG2E, launch.width, launch.summary_stride,
+            launch.summary_size, **_parts(launch), DQK=d_qk, DV=d_v, BM=t.bm, BN=t.bn, ONE_LOOP=t.one_loop,
+            HEAD_GROUP=HEAD_GROUP, F32=f32,
             **_launch_options(t),
         )  # fmt: skip
     return out, lse
@@ -205,19 +209,19 @@ def _backward(
             programs = -(-n_eff // t.bn1)
         else:
             programs = -(-n_eff // t.bn1) + nks + -(-n_eff // t.bm2)
-        grid = (programs * groups, b * len(launch.heads))
+        bh = b * len(launch.heads)
         if t.ordered_dq:  # float32 partial dQ sums and, per (batch, head), a ticket and one turn per bm1 rows
             acc = torch.empty((b, h, n, d_qk), dtype=torch.float32, device=q.device)
-            turns = torch.zeros(grid[1] * (-(-n // t.bm1) + 1), dtype=torch.int32, device=q.device)
+            turns = torch.zeros(bh * (-(-n // t.bm1) + 1), dtype=torch.int32, device=q.device)
         else:
             acc, turns = dq, heads  # not read
-        kern._bwd_kernel[grid](
+        kern._bwd_kernel[(programs * groups * bh,)](
             q, k, v, do, dq, dk, dv, lse, delta, heads, starts, acc, turns,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *dv.stride(),
-            n, h, len(launch.heads), groups, scale * LOG2E, scale, launch.width, launch.summary_stride,
+            n, h, len(launch.heads), bh, groups, scale * LOG2E, scale, launch.width, launch.summary_stride,
             launch.summary_size, nks,
             **_parts(launch), DQK=d_qk, DV=d_v, BM1=t.bm1, BN1=t.bn1, BM2=t.bm2, BN2=t.bn2, FUSED=t.fused,
-            ONE_LOOP=t.one_loop, ORDERED_DQ=t.ordered_dq, F32=f32, **_launch_options(t),
+            ONE_LOOP=t.one_loop, ORDERED_DQ=t.ordered_dq, HEAD_GROUP=HEAD_GROUP, F32=f32, **_launch_options(t),
         )  # fmt: skip
     return dq, dk, dv
 

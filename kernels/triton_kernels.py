@@ -78,6 +78,22 @@ def _cast(x, dtype: tl.constexpr, F32: tl.constexpr):
     return x.to(dtype)
 
 
+# ---------------------------------------------------------------- schedule
+
+
+@triton.jit
+def _program(BH, slots, HEAD_GROUP: tl.constexpr):
+    """(batch·head, slot) of this program in a 1-D grid of ``BH · slots`` programs. Slots are numbered longest work
+    first, and the heads go in groups of HEAD_GROUP, slot-major inside a group: the longest programs of all the
+    group's heads start first (no long program starts last and runs alone: a causal or summary launch of few
+    heads otherwise ends in a tail), while the programs in flight read the keys of at most HEAD_GROUP heads (L2)."""
+    pid = tl.program_id(0)
+    first = (pid // (HEAD_GROUP * slots)) * HEAD_GROUP
+    inside = pid - first * slots
+    heads = tl.minimum(BH - first, HEAD_GROUP)
+    return first + inside % heads, inside // heads
+
+
 # ---------------------------------------------------------------- rows in memory
 
 
@@ -271,19 +287,18 @@ def _fwd_summary(acc, m_i, l_i, q, Kb, Vb, kn, skd, vn, svd, offs_m, i0, i_last,
 @triton.jit
 def _fwd_kernel(Q, K, V, Out, LSE, HEADS, STARTS,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-                n, H, HL, groups, qk_scale, width, sl, sc,
+                n, H, HL, BH, groups, qk_scale, width, sl, sc,
                 BAND: tl.constexpr, OFF: tl.constexpr, SUMMARY: tl.constexpr, MERGE: tl.constexpr,
                 DQK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                ONE_LOOP: tl.constexpr, F32: tl.constexpr):
+                ONE_LOOP: tl.constexpr, HEAD_GROUP: tl.constexpr, F32: tl.constexpr):
     """Out and LSE of one tile of BM query rows of one (batch, head) for the launch's parts."""
     tl.static_assert(BAND != BAND_NONE or SUMMARY != SUM_NONE, "a launch computes at least one part")
     tl.static_assert(DQK >= 16 and DV >= 16 and BN >= 16, "tl.dot needs inner sizes of at least 16")
-    pid0 = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    grp = pid0 % groups
-    n_eff = (n - grp + groups - 1) // groups
     n_tiles = tl.cdiv(tl.cdiv(n, groups), BM)
-    tile = n_tiles - 1 - pid0 // groups  # later query tiles see more keys: start them first
+    pid_bh, slot = _program(BH, n_tiles * groups, HEAD_GROUP=HEAD_GROUP)
+    grp = slot % groups
+    n_eff = (n - grp + groups - 1) // groups
+    tile = n_tiles - 1 - slot // groups  # later query tiles see more keys: start them first
     i0 = tile * BM
     if i0 < n_eff:
         b = pid_bh // HL
@@ -627,15 +642,29 @@ def _bwd_queries(Qb, Kb, Vb, DOb, DQb, ACCb, TURNb, LSEb, DELb, qn, sqd, kn, skd
 
 
 @triton.jit
+def _bwd_role(slot, nkb, nks, nqb, BAND: tl.constexpr):
+    """The role number (band key tiles ``[0, nkb)``, summary key tiles ``[nkb, nkb + nks)``, query tiles after)
+    of a split launch's slot, longest work first: summary key tiles (the first sees every later query), then the
+    band key tiles of a causal or local band before the query tiles (later ones first), or after them for a
+    fixed block band (whose key tiles see one block of queries)."""
+    s = slot - nks
+    if BAND == BAND_FIXED or BAND == BAND_NONE:
+        rest = tl.where(s < nqb, nkb + nks + s, s - nqb)
+    else:
+        rest = tl.where(s < nkb, s, nks + s)
+    return tl.where(slot < nks, nkb + slot, rest)
+
+
+@triton.jit
 def _bwd_kernel(Q, K, V, DO, GRAD_Q, GRAD_K, GRAD_V, LSE, DELTA, HEADS, STARTS, ACC, TURNS,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
                 sgqb, sgqh, sgqn, sgqd, sgvb, sgvh, sgvn, sgvd,
-                n, H, HL, groups, qk_scale, scale, width, sl, sc, nks,
+                n, H, HL, BH, groups, qk_scale, scale, width, sl, sc, nks,
                 BAND: tl.constexpr, OFF: tl.constexpr, SUMMARY: tl.constexpr, MERGE: tl.constexpr,
                 DQK: tl.constexpr, DV: tl.constexpr, BM1: tl.constexpr, BN1: tl.constexpr, BM2: tl.constexpr,
                 BN2: tl.constexpr, FUSED: tl.constexpr, ONE_LOOP: tl.constexpr, ORDERED_DQ: tl.constexpr,
-                F32: tl.constexpr):
-    """dQ, dK, dV of one launch's parts; program ``pid0 // groups`` picks the role (see the module docstring).
+                HEAD_GROUP: tl.constexpr, F32: tl.constexpr):
+    """dQ, dK, dV of one launch's parts; the program's slot picks the role (``_bwd_role``, longest work first).
     GRAD_Q and GRAD_K share one layout (strides sgq*), GRAD_V has its own (sgv*). ``nks``: summary key tiles of the
     head with the most summary cells (the host's count, so the roles line up across heads). ORDERED_DQ (summary
     launches): the summary part's dQ comes from the summary key tiles, added in turn to ACC ([b, H, n, DQK] float32)
@@ -646,16 +675,17 @@ def _bwd_kernel(Q, K, V, DO, GRAD_Q, GRAD_K, GRAD_V, LSE, DELTA, HEADS, STARTS, 
     tl.static_assert(not ORDERED_DQ or (SUMMARY != SUM_NONE and not MERGE and not FUSED),
                      "ordered dQ is for summary launches in the natural layout")
     tl.static_assert(BAND != BAND_NONE or SUMMARY != SUM_NONE, "a launch computes at least one part")
-    pid0 = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    grp = pid0 % groups
-    role = pid0 // groups
-    n_eff = (n - grp + groups - 1) // groups
     nkb = tl.cdiv(tl.cdiv(n, groups), BN1)
+    nqb = tl.cdiv(tl.cdiv(n, groups), BM2)
+    pid_bh, slot = _program(BH, (nkb if FUSED else nkb + nks + nqb) * groups, HEAD_GROUP=HEAD_GROUP)
+    grp = slot % groups
+    role = slot // groups
+    if not FUSED:
+        role = _bwd_role(role, nkb, nks, nqb, BAND=BAND)
+    n_eff = (n - grp + groups - 1) // groups
     TURNb = TURNS + pid_bh * (tl.cdiv(n, BM1) + 1) + 1
     if ORDERED_DQ:  # role by ticket: query tiles, then summary key tiles, then band key tiles
         ticket = tl.atomic_add(TURNb - 1, 1)
-        nqb = tl.cdiv(n, BM2)
         role = tl.where(ticket < nqb, nkb + nks + ticket, tl.where(ticket < nqb + nks, nkb + ticket - nqb,
                                                                     ticket - nqb - nks))
     b = pid_bh // HL

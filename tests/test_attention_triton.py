@@ -232,6 +232,20 @@ def test_noncontiguous_inputs_scale_and_batch(d):
 
 
 @in_child
+@pytest.mark.parametrize("pattern", [Fixed(16, 4, (0, 1)), Strided(8), Dense()], ids=["fixed", "strided", "dense"])
+def test_more_heads_than_a_schedule_group(pattern):
+    """18 (batch, head) pairs: a full group of HEAD_GROUP heads and a partial one in the longest-first schedule,
+    with split (summary, causal band) and fused backward programs."""
+    from lightning_sparse.kernels.triton_backend import HEAD_GROUP
+
+    q, k, v, do = _inputs(3, 6, 40, 32, torch.float16, seed=zlib.crc32(repr(pattern).encode()))
+    assert HEAD_GROUP < 18 < 2 * HEAD_GROUP
+    for bwd in (BwdTiles(16, 16, 16, 16, stages=1), BwdTiles(16, 16, 16, 16, stages=1, fused=True)):
+        with tile_override(fwd=FwdTiles(16, 16, stages=1), bwd=bwd):
+            check_against_reference(q, k, v, do, pattern)
+
+
+@in_child
 def test_backward_is_deterministic():
     q, k, v, do = _inputs(1, 2, 64, 32, torch.float16, seed=7)
     grads = []
