@@ -452,7 +452,7 @@ def main(argv=None):
     ap.add_argument("--ordered-dq", action="store_true",
                     help="fixed-pattern backward with the summary part's dQ added in turn (BwdTiles.ordered_dq)")
     ap.add_argument("--head-group", type=int, default=tb.HEAD_GROUP,
-                    help="heads scheduled together, longest programs first (1: each head's programs in turn)")
+                    help="heads a causal or summary launch schedules together, longest first (1: head by head)")
     args = ap.parse_args(argv)
     tb.HEAD_GROUP = args.head_group
     if args.ordered_dq:

@@ -81,7 +81,7 @@ def main(argv=None) -> None:
             for kind in ("fwd", "bwd"):
                 t = tb._config(kind, launch, d_qk, d_v, torch.bfloat16, n_eff)
                 common = {**tb._parts(launch), "DQK": d_qk, "DV": d_v, "ONE_LOOP": t.one_loop,
-                          "HEAD_GROUP": tb.HEAD_GROUP, "F32": False}
+                          "HEAD_GROUP": tb._head_group(launch), "F32": False}
                 if kind == "fwd":
                     fn, const = kern._fwd_kernel, {**common, "BM": t.bm, "BN": t.bn}
                 else:

@@ -10,7 +10,7 @@ only tables are these per-launch head lists, cached per (pattern, heads, device)
 
 from __future__ import annotations
 
-import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -134,15 +134,28 @@ def head_tables(launch: Launch, device: torch.device) -> tuple[torch.Tensor, tor
     key = (launch, str(device))
     tables = _DEVICE_TABLES.get(key)
     if tables is None:
-        # Made on a side stream: a CUDA-graph warm-up (torch.compile's cudagraph trees) routes the current stream's
-        # allocations into its private pool, and a table cached from there would be a live, untracked pool tensor.
-        side = torch.cuda.Stream(device) if device.type == "cuda" else None
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            tables = (
-                torch.tensor(launch.heads, dtype=torch.int32, device=device),
-                torch.tensor(launch.starts, dtype=torch.int32, device=device),
-            )
-        if side is not None:
-            side.synchronize()
+        if device.type == "cuda":
+            # Made by another thread, on a stream of its own: torch.compile's CUDA-graph trees route every allocation
+            # of the thread that runs a compiled graph into their private pool (on any stream), where a cached
+            # table would be a live tensor the graphs do not track ("tensors in the cudagraph pool not tracked").
+            with ThreadPoolExecutor(1) as worker:
+                tables = worker.submit(_made_on_side_stream, launch, device).result()
+        else:
+            tables = _tables(launch, device)
         _DEVICE_TABLES[key] = tables
+    return tables
+
+
+def _tables(launch: Launch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        torch.tensor(launch.heads, dtype=torch.int32, device=device),
+        torch.tensor(launch.starts, dtype=torch.int32, device=device),
+    )
+
+
+def _made_on_side_stream(launch: Launch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    side = torch.cuda.Stream(device)
+    with torch.cuda.stream(side):
+        tables = _tables(launch, device)
+    side.synchronize()
     return tables

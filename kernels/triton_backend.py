@@ -23,8 +23,9 @@ from .tiles import BwdTiles, FwdTiles, select_tiles
 HEAD_DIMS = (32, 64, 128)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 LOG2E = 1.4426950408889634  # the kernels use exp2
-# Heads whose programs a launch schedules together, longest first (triton_kernels._program): enough work to hide
-# the longest program of a causal or summary launch, few enough heads' keys to stay in L2.
+# Heads whose programs a causal or summary launch schedules together, longest first (triton_kernels._program):
+# enough work to hide its longest program, few enough heads' keys to stay in L2. Launches of a local band or in the
+# strided order (programs of near-equal work) keep each head's programs together: 1.
 HEAD_GROUP = 16
 
 _KERNELS: Any = None
@@ -104,6 +105,11 @@ def _config(kind: str, launch: Launch, d_qk: int, d_v: int, dtype: torch.dtype, 
     return tiles
 
 
+def _head_group(launch: Launch) -> int:
+    """Heads scheduled together (see HEAD_GROUP): only natural-order launches whose programs' work varies."""
+    return HEAD_GROUP if launch.stride == 1 and launch.band != BAND_LOCAL else 1
+
+
 def _f32_dots(dtype: torch.dtype) -> bool:
     # float32 inputs get exact float32 products; the CPU interpreter's bf16 dot is wrong, so it upcasts too
     return dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreting())
@@ -163,7 +169,7 @@ def _forward(
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             n, h, len(launch.heads), bh, groups, scale * LOG2E, launch.width, launch.summary_stride,
             launch.summary_size, **_parts(launch), DQK=d_qk, DV=d_v, BM=t.bm, BN=t.bn, ONE_LOOP=t.one_loop,
-            HEAD_GROUP=HEAD_GROUP, F32=f32,
+            HEAD_GROUP=_head_group(launch), F32=f32,
             **_launch_options(t),
         )  # fmt: skip
     return out, lse
@@ -221,7 +227,7 @@ def _backward(
             n, h, len(launch.heads), bh, groups, scale * LOG2E, scale, launch.width, launch.summary_stride,
             launch.summary_size, nks,
             **_parts(launch), DQK=d_qk, DV=d_v, BM1=t.bm1, BN1=t.bn1, BM2=t.bm2, BN2=t.bn2, FUSED=t.fused,
-            ONE_LOOP=t.one_loop, ORDERED_DQ=t.ordered_dq, HEAD_GROUP=HEAD_GROUP, F32=f32, **_launch_options(t),
+            ONE_LOOP=t.one_loop, ORDERED_DQ=t.ordered_dq, HEAD_GROUP=_head_group(launch), F32=f32, **_launch_options(t),
         )  # fmt: skip
     return dq, dk, dv
 
