@@ -217,17 +217,32 @@ class DensityModel(L.LightningModule):
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, fully_shard per Block, then the root
             parallel.shard_blocks(self.model, self.device_mesh, parallel.mixed_precision_policy(self.trainer.precision))
         if self.compile_network:  # torch.compile per Block, after sharding (idempotent)
+            parallel.compile_under_ddp(self._trainer.strategy if self._trainer is not None else None)
             compile_blocks(self.model, mode=self.compile_mode)
         # ----- end of distributed training
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
     ) -> None:
-        """Norm clipping under FSDPStrategy goes through the FSDP root (Lightning's plugin refuses it); else default."""
+        """Norm clipping under FSDPStrategy goes through the FSDP root (Lightning's plugin refuses it). An optimizer
+        that would unscale gradients itself (fused AdamW) is clipped here when no GradScaler runs (bf16, fp32):
+        Lightning's mixed-precision plugin refuses to clip any such optimizer, though with bf16 nothing is scaled.
+        Else Lightning's clipping."""
         if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
             if parallel.clip_sharded_grad_norm(self.trainer.strategy, gradient_clip_val):
                 return
+        if gradient_clip_val and getattr(optimizer, "_step_supports_amp_scaling", False) and not self._grad_scaler():
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _grad_scaler(self) -> bool:
+        """Whether the Trainer's precision scales the loss (fp16 mixed precision's GradScaler)."""
+        return self._trainer is not None and getattr(self.trainer.precision_plugin, "scaler", None) is not None
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits ``[batch, n, 256]`` for input ids ``[batch, n]``."""
@@ -318,8 +333,9 @@ class DensityModel(L.LightningModule):
             {"params": [p for p in params if parallel.built_ndim(p) >= 2], "weight_decay": self.weight_decay},
             {"params": [p for p in params if parallel.built_ndim(p) < 2], "weight_decay": 0.0},
         ]
-        # one fused multi-tensor kernel per step when every parameter is a CUDA floating tensor
-        fused = all(p.is_cuda and p.is_floating_point() for p in params) or None
+        # one fused multi-tensor kernel per step when every parameter is a CUDA floating tensor; not under a GradScaler,
+        # whose fused unscaling inside the step would leave gradient clipping nothing unscaled to clip
+        fused = (all(p.is_cuda and p.is_floating_point() for p in params) and not self._grad_scaler()) or None
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas, fused=fused)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(*self._schedule_steps(warn=True)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
 from torch import nn
 
 from lightning_sparse.atomic import atomic_write
@@ -111,6 +111,19 @@ class SparseFSDPStrategy(FSDPStrategy):
 def strategy_checkpoints_blocks(strategy: Strategy | None) -> bool:
     """Whether ``strategy`` applies its own activation checkpointing to the model's Blocks (an FSDP policy)."""
     return isinstance(strategy, FSDPStrategy) and bool(getattr(strategy, "_activation_checkpointing_kwargs", None))
+
+
+def compile_under_ddp(strategy: Strategy | None) -> bool:
+    """Before compiling Blocks under DDP: turn Dynamo's DDPOptimizer off; True if done.
+
+    The DDPOptimizer splits each compiled graph at DDP's bucket boundaries, and fails on graphs with activation
+    checkpointing (the Blocks' ``recompute``: "Node ... was invalid, but is output", PyTorch issue 104674, seen on
+    the GPU with torch 2.11); per-Block graphs need no splitting, DDP's buckets still overlap the backward pass.
+    """
+    if not isinstance(strategy, DDPStrategy):
+        return False
+    torch._dynamo.config.optimize_ddp = False
+    return True
 
 
 def hand_over_recompute(network: SparseTransformer, strategy: Strategy | None) -> bool:

@@ -176,6 +176,40 @@ def test_weight_decay_only_on_tensors_of_two_or_more_dims():
     assert config["lr_scheduler"]["interval"] == "step"
 
 
+class _NormRecordingAdamW(torch.optim.AdamW):
+    """Fused AdamW that records the norm of the gradients it steps with, after the Trainer's clipping."""
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()  # forward, backward and the Trainer's gradient clipping
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        self.norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        super().step()
+        return loss
+
+
+class _FusedOptimizerModel(TextDensityModel):
+    def configure_optimizers(self):
+        self.optimizer = _NormRecordingAdamW(self.parameters(), lr=1e-3, fused=True)
+        self.optimizer.norms = []
+        return self.optimizer
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_fused_optimizer_is_clipped_without_a_grad_scaler(tmp_path, precision):
+    """Fused AdamW (the model's choice on CUDA) with gradient clipping: Lightning's mixed-precision plugin refuses to
+    clip an optimizer that could unscale gradients itself, though under bf16 nothing is scaled; the model clips it
+    instead, and the optimizer steps with the clipped norm."""
+    model = make(_FusedOptimizerModel)
+    fit = trainer(tmp_path, max_steps=3, precision=precision, gradient_clip_val=1e-3)
+    fit.fit(model, DataLoader(text_windows(12), batch_size=4))
+    assert model.optimizer._step_supports_amp_scaling  # what Lightning's plugin refuses to clip
+    assert len(model.optimizer.norms) == 3
+    assert all(0 < norm <= 1e-3 * (1 + 1e-4) for norm in model.optimizer.norms), model.optimizer.norms
+
+
 def test_warmup_then_cosine_to_zero():
     model = make(decay_steps=100, warmup_steps=10, lr=1e-3)
     model.configure_model()

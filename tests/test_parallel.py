@@ -20,10 +20,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from test_cli import print_config, scalars, tiny_config
 from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -277,6 +278,23 @@ def test_model_parallel_strategy_parses_from_yaml(tmp_path):
     path.write_text(yaml.safe_dump(config))
     strategy = build_cli(["--config", str(path)], run=False).trainer.strategy
     assert isinstance(strategy, ModelParallelStrategy) and strategy._data_parallel_size == 2
+
+
+def test_compiled_blocks_under_ddp_turn_the_ddp_optimizer_off(tmp_path):
+    """Dynamo's DDPOptimizer fails on the Blocks' recomputation (checkpointed graphs): a compiled model under DDP
+    turns it off in configure_model; other strategies leave it alone."""
+    saved = torch._dynamo.config.optimize_ddp
+    try:
+        torch._dynamo.config.optimize_ddp = True
+        assert not parallel.compile_under_ddp(SingleDeviceStrategy("cpu"))
+        assert torch._dynamo.config.optimize_ddp
+        model = TextDensityModel(seq_len=32, n_layer=1, n_head=2, d_model=64, pattern=Fixed(8, 2), compile=True)
+        model.trainer = L.Trainer(accelerator="cpu", devices=1, strategy="ddp", logger=False, default_root_dir=tmp_path)
+        model.configure_model()
+        assert torch._dynamo.config.optimize_ddp is False
+        assert all(b._compiled_call_impl is not None for b in model.model.blocks)
+    finally:
+        torch._dynamo.config.optimize_ddp = saved
 
 
 def test_compile_blocks_compiles_in_place_once():
