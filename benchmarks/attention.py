@@ -14,7 +14,9 @@ Times are medians in ms; "useful" TFLOP/s count only the allowed (query, key) pa
 forward, 3.5× that forward+backward. ``--sweep`` first times candidate tile configurations (of the paper shapes
 with ``--paper-shapes-only``, else of the n = 16,384 targets), keeps the fastest for the rest of the run and
 prints them as ``tiles.DEFAULTS`` entries. ``--ordered-dq`` runs the fixed pattern's backward with the
-experimental ordered dQ reduction (``BwdTiles.ordered_dq``) for an A/B against the default.
+experimental ordered dQ reduction (``BwdTiles.ordered_dq``) for an A/B against the default. ``--cuda-graphs``
+times replays of captured CUDA graphs instead of eager calls (kernel time only: at the Enwik8 shape one eager
+forward+backward costs about as much host time as GPU time); written in session 6, not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -85,10 +87,16 @@ def mask_mod(pattern: Pattern):
     return fixed_per_head
 
 
+CUDA_GRAPHS = False  # --cuda-graphs: time replays of a captured CUDA graph, so host time does not enter the numbers
+
+
 def timeit(fn, budget_s: float = 0.4) -> float:
-    """Median milliseconds of ``fn`` (CUDA events); fewer repeats for slow calls."""
+    """Median milliseconds of ``fn`` (CUDA events); fewer repeats for slow calls. With ``--cuda-graphs``, of the
+    replays of a CUDA graph of ``fn`` (shapes where one eager call's host time rivals its GPU time, e.g. Enwik8's)."""
     import triton
 
+    if CUDA_GRAPHS:
+        return triton.testing.do_bench_cudagraph(fn, rep=int(max(50, budget_s * 1000)), return_mode="median")
     fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -453,8 +461,12 @@ def main(argv=None):
                     help="fixed-pattern backward with the summary part's dQ added in turn (BwdTiles.ordered_dq)")
     ap.add_argument("--head-group", type=int, default=tb.HEAD_GROUP,
                     help="heads a causal or summary launch schedules together, longest first (1: head by head)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="time replays of captured CUDA graphs (kernel time without the host's per-call time)")
     args = ap.parse_args(argv)
     tb.HEAD_GROUP = args.head_group
+    global CUDA_GRAPHS
+    CUDA_GRAPHS = args.cuda_graphs
     if args.ordered_dq:
         for d_qk in tb.HEAD_DIMS:
             for d_v in tb.HEAD_DIMS:
