@@ -13,13 +13,16 @@ softmax from the earlier one's output and log-sum-exp (``MERGE``): the exact log
 
 Backward: ``_delta_kernel`` computes ``delta = rowsum(dO·O)``, then one ``_bwd_kernel`` launch per forward launch.
 Its programs take one of four roles (one @triton.jit function each): ``_bwd_band_tile`` (``FUSED`` band-only
-launches: dQ and dK/dV of one tile of rows, the diagonal block computed once for both), or, split by program id,
+launches: dQ and dK/dV of one tile of rows, the diagonal block computed once for both), or, by the program's slot,
 ``_bwd_band_keys`` (dK/dV of a band key tile), ``_bwd_summary_keys`` (dK/dV of a gathered summary key tile, both of
 its parts) and ``_bwd_queries`` (dQ of a query tile). Every gradient row has exactly one writer: deterministic, no
 atomics. With ``MERGE`` the results are added to the gradients the previous launch wrote. ``ORDERED_DQ`` (a switch
 for summary launches, off by default): the summary key tiles also produce the summary part's dQ, added into a
 float32 buffer in a fixed order under per-chunk turn counters (FA3's deterministic mode), so no block of the summary
 part computes S and dP twice (5 matrix products per block instead of 7); still deterministic.
+
+Schedule: the grid is one-dimensional; ``_program`` maps a program to its (batch·head, slot), slots numbered longest
+work first, heads in groups of ``HEAD_GROUP`` so that the longest programs of all of a group's heads start first.
 
 Notation
 --------
