@@ -464,6 +464,8 @@ def main(argv=None):
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="time replays of captured CUDA graphs (kernel time without the host's per-call time)")
     args = ap.parse_args(argv)
+    if args.head_group < 1:
+        ap.error(f"--head-group must be a positive number of heads, got {args.head_group}; e.g. 1 or 16.")
     tb.HEAD_GROUP = args.head_group
     global CUDA_GRAPHS
     CUDA_GRAPHS = args.cuda_graphs
