@@ -14,7 +14,8 @@ Times are medians in ms; "useful" TFLOP/s count only the allowed (query, key) pa
 forward, 3.5× that forward+backward. ``--sweep`` first times candidate tile configurations (of the paper shapes
 with ``--paper-shapes-only``, else of the n = 16,384 targets), keeps the fastest for the rest of the run and
 prints them as ``tiles.DEFAULTS`` entries. ``--ordered-dq`` runs the fixed pattern's backward with the
-experimental ordered dQ reduction (``BwdTiles.ordered_dq``) for an A/B against the default. ``--cuda-graphs``
+experimental ordered dQ reduction (``BwdTiles.ordered_dq``; ``--segment ROWS`` splits the summary key tiles'
+queries, ``BwdTiles.segment``) for an A/B against the default. ``--cuda-graphs``
 times replays of captured CUDA graphs instead of eager calls (kernel time only: at the Enwik8 shape one eager
 forward+backward costs about as much host time as GPU time); written in session 6, not yet run on a GPU.
 """
@@ -28,7 +29,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ from lightning_sparse.atomic import atomic_write
 from lightning_sparse.kernels import Dense, Fixed, Pattern, Strided, sparse_attention
 from lightning_sparse.kernels import triton_backend as tb
 from lightning_sparse.kernels.launch_plan import launch_plan
-from lightning_sparse.kernels.tiles import DEFAULTS, BwdTiles, FwdTiles, select_tiles, tile_override
+from lightning_sparse.kernels.tiles import DEFAULTS, BwdTiles, FwdTiles, ordered_dq_tiles, select_tiles, tile_override
 
 
 def nnz(pattern: Pattern, n: int) -> float:
@@ -334,7 +335,9 @@ SWEEP = {
                              B_(64, 128, 128, 64, 8, 3, 0), B_(32, 64, 128, 64, 4, 3, 168),
                              B_(64, 64, 64, 64, 4, 3, 0),
                              B_(32, 128, 128, 64, 8, 3, 128, ordered_dq=True),
-                             B_(64, 128, 128, 64, 8, 3, 0, ordered_dq=True),
+                             B_(32, 128, 128, 64, 8, 3, 128, ordered_dq=True, segment=2048),
+                             B_(32, 128, 128, 64, 8, 3, 128, ordered_dq=True, segment=1024),
+                             B_(64, 128, 128, 64, 8, 3, 0, ordered_dq=True, segment=2048),
                              B_(64, 64, 64, 64, 4, 3, 0, ordered_dq=True)],
     ("fwd", "local", 128): [F_(128, 64, 8, 3), F_(64, 64, 4, 3, one_loop=True)],
     ("fwd", "strided", 128): [F_(128, 64, 8, 3), F_(64, 64, 4, 3, one_loop=True)],
@@ -351,7 +354,8 @@ SWEEP = {
     ("bwd", "local", 32): [B_(32, 128, 128, 32, 8, 2, 128, True), B_(64, 64, 64, 64, 4, 2, 168, True)],
     ("bwd", "strided", 32): [B_(32, 128, 128, 32, 8, 2, 128, True), B_(64, 64, 64, 64, 4, 2, 168, True, True)],
     ("bwd", "natural", 32): [B_(32, 128, 128, 64, 8, 3, 128), B_(64, 128, 128, 64, 8, 3, 128),
-                             B_(32, 128, 128, 128, 8, 3, 128, ordered_dq=True)],
+                             B_(32, 128, 128, 128, 8, 3, 128, ordered_dq=True),
+                             B_(32, 128, 128, 128, 8, 3, 128, ordered_dq=True, segment=2048)],
 }
 
 
@@ -459,6 +463,8 @@ def main(argv=None):
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compilation is most of a run)")
     ap.add_argument("--ordered-dq", action="store_true",
                     help="fixed-pattern backward with the summary part's dQ added in turn (BwdTiles.ordered_dq)")
+    ap.add_argument("--segment", type=int, default=0,
+                    help="with --ordered-dq: query rows per summary key program (BwdTiles.segment; 0: whole tile)")
     ap.add_argument("--head-group", type=int, default=tb.HEAD_GROUP,
                     help="heads a causal or summary launch schedules together, longest first (1: head by head)")
     ap.add_argument("--cuda-graphs", action="store_true",
@@ -470,10 +476,7 @@ def main(argv=None):
     global CUDA_GRAPHS
     CUDA_GRAPHS = args.cuda_graphs
     if args.ordered_dq:
-        for d_qk in tb.HEAD_DIMS:
-            for d_v in tb.HEAD_DIMS:
-                tiles = replace(select_tiles("bwd", "natural", d_qk, d_v, torch.bfloat16), ordered_dq=True)
-                _KEEP.enter_context(tile_override(bwd=tiles, layout="natural", widths=(d_qk, d_v)))
+        _KEEP.enter_context(ordered_dq_tiles(args.segment))
     if args.no_flex:
         args.max_flex_n = args.max_flex_n_128 = 0
     args.dims = [int(x) for x in args.dims.split(",") if x]

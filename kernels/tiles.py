@@ -10,7 +10,7 @@ outside it. Pure Python: no triton import.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 
@@ -54,7 +54,10 @@ class BwdTiles:
     run one program per tile of ``bn1`` rows that computes its dQ and its dK/dV and the diagonal block once for both
     (its steps are capped at ``bn1``). ``ordered_dq``: launches with a summary part add the summary part's dQ from
     the key-stationary programs in a fixed order (5 matrix products per block instead of 7; an experiment, off by
-    default until timed). ``warps``, ``stages``, ``maxnreg``, ``one_loop`` as in :class:`FwdTiles`."""
+    default until timed); ``segment`` (with it; a multiple of ``bm1``, 0: none) splits each summary key tile's
+    queries into programs of that many rows, whose dK/dV are added in a fixed order too, so that the key tile that
+    every later query sees is not one long program. ``warps``, ``stages``, ``maxnreg``, ``one_loop`` as in
+    :class:`FwdTiles`."""
 
     bm1: int
     bn1: int
@@ -66,9 +69,16 @@ class BwdTiles:
     fused: bool = False
     one_loop: bool = False
     ordered_dq: bool = False
+    segment: int = 0
 
     def __post_init__(self) -> None:
         _check_pow2(self, bm1=self.bm1, bn1=self.bn1, bm2=self.bm2, bn2=self.bn2)
+        if self.segment < 0 or self.segment % self.bm1:
+            raise ValueError(f"BwdTiles.segment must be 0 or a positive multiple of bm1={self.bm1} (query rows of a "
+                             f"summary key program), got {self.segment}.")
+        if self.segment and not self.ordered_dq:
+            raise ValueError(f"BwdTiles.segment={self.segment} needs ordered_dq=True (the segments' dK/dV are added in "
+                             "order); set ordered_dq=True or segment=0.")
 
     def capped(self, n_eff: int) -> BwdTiles:
         """The same tiles, no larger than the launch's sequence (rounded up to a power of two)."""
@@ -162,3 +172,18 @@ def select_tiles(kind: str, layout: str, d_qk: int, d_v: int, dtype: torch.dtype
         return FLOAT32_TILES[kind]
     wide = max(d_qk, d_v)
     return DEFAULTS.get((kind, layout, d_qk, d_v)) or DEFAULTS[(kind, layout, wide, wide)]
+
+
+@contextmanager
+def ordered_dq_tiles(segment: int = 0) -> Iterator[None]:
+    """Inside the ``with`` block, natural-layout backward launches (the fixed pattern's) at every head width use their
+    default 16-bit tiles with ``ordered_dq=True`` and ``segment`` (see :class:`BwdTiles`): the A/B switch of the
+    ordered dQ experiment in the benchmarks."""
+    widths = sorted({w for (_, _, w, _) in DEFAULTS})
+    with ExitStack() as stack:
+        for d_qk in widths:
+            for d_v in widths:
+                tiles = replace(select_tiles("bwd", "natural", d_qk, d_v, torch.bfloat16), ordered_dq=True,
+                                segment=segment)
+                stack.enter_context(tile_override(bwd=tiles, layout="natural", widths=(d_qk, d_v)))
+        yield

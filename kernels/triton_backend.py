@@ -101,8 +101,13 @@ def _config(kind: str, launch: Launch, d_qk: int, d_v: int, dtype: torch.dtype, 
         ordered = tiles.ordered_dq and launch.summary != SUM_NONE and not launch.merge
         if ordered:  # a query tile holds whole chunks of bm1 rows
             tiles = replace(tiles, bm2=max(tiles.bm2, tiles.bm1))
-        tiles = replace(tiles, fused=fused, ordered_dq=ordered)
+        segment = tiles.segment if ordered and tiles.segment < _rounded(n_eff, tiles.bm1) else 0
+        tiles = replace(tiles, fused=fused, ordered_dq=ordered, segment=segment)
     return tiles
+
+
+def _rounded(n: int, step: int) -> int:
+    return -(-n // step) * step
 
 
 def _head_group(launch: Launch) -> int:
@@ -211,23 +216,29 @@ def _backward(
         n_eff = -(-n // groups)
         t = _config("bwd", launch, d_qk, d_v, q.dtype, n_eff)
         nks = _summary_tiles(launch, n, t.bn1)
+        # segments of a summary key tile's queries (one program each); one segment of all rows without
+        seg_rows = t.segment or _rounded(n_eff, t.bm1)
+        nseg = -(-_rounded(n_eff, t.bm1) // seg_rows)
         if t.fused:
             programs = -(-n_eff // t.bn1)
         else:
-            programs = -(-n_eff // t.bn1) + nks + -(-n_eff // t.bm2)
+            programs = -(-n_eff // t.bn1) + nks * nseg + -(-n_eff // t.bm2)
         bh = b * len(launch.heads)
-        if t.ordered_dq:  # float32 partial dQ sums and, per (batch, head), a ticket and one turn per bm1 rows
+        acc = kv_acc = dq  # not read unless ordered / segmented
+        turns = heads
+        if t.ordered_dq:  # float32 partial dQ sums; per (batch, head) a ticket, a turn per bm1 rows and per key tile
             acc = torch.empty((b, h, n, d_qk), dtype=torch.float32, device=q.device)
-            turns = torch.zeros(bh * (-(-n // t.bm1) + 1), dtype=torch.int32, device=q.device)
-        else:
-            acc, turns = dq, heads  # not read
+            turns = torch.zeros(bh * (-(-n // t.bm1) + 1 + nks), dtype=torch.int32, device=q.device)
+        if nseg > 1:  # float32 partial dK/dV sums of the summary key tiles
+            kv_acc = torch.empty((bh, nks * t.bn1, d_qk + d_v), dtype=torch.float32, device=q.device)
         kern._bwd_kernel[(programs * groups * bh,)](
-            q, k, v, do, dq, dk, dv, lse, delta, heads, starts, acc, turns,
+            q, k, v, do, dq, dk, dv, lse, delta, heads, starts, acc, kv_acc, turns,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *dv.stride(),
             n, h, len(launch.heads), bh, groups, scale * LOG2E, scale, launch.width, launch.summary_stride,
-            launch.summary_size, nks,
+            launch.summary_size, nks, nseg, seg_rows,
             **_parts(launch), DQK=d_qk, DV=d_v, BM1=t.bm1, BN1=t.bn1, BM2=t.bm2, BN2=t.bn2, FUSED=t.fused,
-            ONE_LOOP=t.one_loop, ORDERED_DQ=t.ordered_dq, HEAD_GROUP=_head_group(launch), F32=f32, **_launch_options(t),
+            ONE_LOOP=t.one_loop, ORDERED_DQ=t.ordered_dq, SEGMENTS=nseg > 1, HEAD_GROUP=_head_group(launch), F32=f32,
+            **_launch_options(t),
         )  # fmt: skip
     return dq, dk, dv
 

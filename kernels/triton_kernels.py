@@ -19,7 +19,9 @@ its parts) and ``_bwd_queries`` (dQ of a query tile). Every gradient row has exa
 atomics. With ``MERGE`` the results are added to the gradients the previous launch wrote. ``ORDERED_DQ`` (a switch
 for summary launches, off by default): the summary key tiles also produce the summary part's dQ, added into a
 float32 buffer in a fixed order under per-chunk turn counters (FA3's deterministic mode), so no block of the summary
-part computes S and dP twice (5 matrix products per block instead of 7); still deterministic.
+part computes S and dP twice (5 matrix products per block instead of 7); still deterministic. ``SEGMENTS`` (with
+it): each summary key tile runs as one program per segment of its queries, the segments' dK/dV added in turn too,
+so that the key tile every later query sees is not one program as long as the launch.
 
 Schedule: the grid is one-dimensional; ``_program`` maps a program to its (batch·head, slot), slots numbered longest
 work first, heads in groups of ``HEAD_GROUP`` so that the longest programs of all of a group's heads start first.
@@ -391,15 +393,28 @@ def _chunk_sum_count(offs_m, n_eff, sl, sc, ss, SUMMARY: tl.constexpr, BM1: tl.c
 
 
 @triton.jit
+def _wait_turn(TURN, rank):
+    """Spin until the turn counter at TURN reads ``rank`` (acquire: the previous holders' stores are visible)."""
+    turn = tl.atomic_cas(TURN, rank, rank, sem="acquire")
+    while turn != rank:
+        turn = tl.atomic_cas(TURN, rank, rank, sem="acquire")
+
+
+@triton.jit
+def _pass_turn(TURN, rank):
+    """Hand the turn at TURN on to ``rank + 1`` once every thread's stores are done (release)."""
+    tl.debug_barrier()
+    tl.atomic_xchg(TURN, rank + 1, sem="release")
+
+
+@triton.jit
 def _add_dq_in_turn(DQb, ACCb, TURNb, offs_m, ok, gqn, sgqd, chunk, rank, last, part, scale,
                     DQK: tl.constexpr, F32: tl.constexpr):
     """ORDERED_DQ: deterministic dQ reduction across programs (FA3's deterministic mode). Wait until query chunk
     ``chunk`` has taken ``rank`` contributions, add ``part`` to its float32 partial sum in ACC (the last contributor
     writes the scaled dQ instead), pass the turn on. Ranks follow the programs' tickets, so a program only waits for
     programs that started before it (no deadlock on the GPU, none under the interpreter's sequential programs)."""
-    turn = tl.atomic_cas(TURNb + chunk, rank, rank, sem="acquire")
-    while turn != rank:
-        turn = tl.atomic_cas(TURNb + chunk, rank, rank, sem="acquire")
+    _wait_turn(TURNb + chunk, rank)
     cols = tl.arange(0, DQK)
     acc_ptr = ACCb + offs_m[:, None] * DQK + cols[None, :]
     acc = tl.load(acc_ptr, mask=ok[:, None], other=0.0, cache_modifier=".cg") + part
@@ -407,8 +422,7 @@ def _add_dq_in_turn(DQb, ACCb, TURNb, offs_m, ok, gqn, sgqd, chunk, rank, last, 
         _store_rows(DQb, offs_m, gqn, sgqd, ok, acc * scale, W=DQK, MERGE=False, F32=F32)
     else:
         tl.store(acc_ptr, acc, mask=ok[:, None])
-    tl.debug_barrier()  # every thread's stores before the turn passes
-    tl.atomic_xchg(TURNb + chunk, rank + 1, sem="release")
+    _pass_turn(TURNb + chunk, rank)
 
 
 @triton.jit
@@ -559,15 +573,20 @@ def _bwd_band_keys(Qb, Kb, Vb, DOb, DKb, DVb, LSEb, DELb, qn, sqd, kn, skd, vn, 
 
 
 @triton.jit
-def _bwd_summary_keys(Qb, Kb, Vb, DOb, DQb, DKb, DVb, ACCb, TURNb, LSEb, DELb, qn, sqd, kn, skd, vn, svd, don, sdod,
-                      gqn, sgqd, gvn, sgvd, groups, j0, n, n_eff, qk_scale, scale, width, sl, sc, ss,
+def _bwd_summary_keys(Qb, Kb, Vb, DOb, DQb, DKb, DVb, ACCb, TURNb, KVACCb, KVTURNb, LSEb, DELb, qn, sqd, kn, skd,
+                      vn, svd, don, sdod, gqn, sgqd, gvn, sgvd, groups, j0, seg, seg_rows, n, n_eff, qk_scale, scale,
+                      width, sl, sc, ss,
                       BAND: tl.constexpr, OFF: tl.constexpr, SUMMARY: tl.constexpr, MERGE: tl.constexpr,
                       DQK: tl.constexpr, DV: tl.constexpr, BN1: tl.constexpr, BM1: tl.constexpr,
-                      ORDERED_DQ: tl.constexpr, F32: tl.constexpr):
+                      ORDERED_DQ: tl.constexpr, SEGMENTS: tl.constexpr, F32: tl.constexpr):
     """Key-stationary role: dK, dV of the gathered summary keys j0 .. j0 + BN1 - 1, from both parts: masked query
     tiles up to the end of the last key's block (where band and summary pairs mix), unmasked ones after.
-    ORDERED_DQ: also the summary part's dQ of the query tiles it visits, added in turn."""
+    ORDERED_DQ: also the summary part's dQ of the query tiles it visits, added in turn. SEGMENTS: this program takes
+    only the queries of segment ``seg`` (rows ``[seg · seg_rows, (seg + 1) · seg_rows)``), so that the key tiles
+    that see the most queries do not set the launch's length; the segments' dK/dV are added in segment order
+    (``KVACC``/``KVTURN``, like the chunks' dQ) and the last segment writes them."""
     tl.static_assert(SUMMARY != SUM_NONE)
+    tl.static_assert(ORDERED_DQ or not SEGMENTS, "segments come with the ordered reduction")
     t_total = (n // sl) * sc + tl.minimum(tl.maximum(n % sl - ss, 0), sc)
     offs_n = j0 + tl.arange(0, BN1)
     pos = _sum_pos(offs_n, sl, sc, ss)
@@ -582,18 +601,42 @@ def _bwd_summary_keys(Qb, Kb, Vb, DOb, DQb, DKb, DVb, ACCb, TURNb, LSEb, DELb, q
     if j0 >= t_total:  # this head has fewer summary cells than the grid's widest head
         q_begin = q_all
     q_begin = tl.minimum(q_begin, q_all)
+    q_end = q_all
+    first = q_begin // seg_rows  # SEGMENTS: the segments that hold queries of this tile, first .. last
+    last = (q_all - 1) // seg_rows
+    if SEGMENTS:
+        q_begin = tl.maximum(q_begin, seg * seg_rows)
+        q_end = tl.maximum(tl.minimum(q_all, (seg + 1) * seg_rows), q_begin)
     full_lo = tl.cdiv((_sum_pos(t_last, sl, sc, ss) // sl + 1) * sl, BM1) * BM1
-    full_lo = tl.minimum(tl.maximum(full_lo, q_begin), q_all)
+    full_lo = tl.minimum(tl.maximum(full_lo, q_begin), q_end)
     dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_n, pos,
                         q_begin, full_lo, n_eff, qk_scale, width, sl, sc, ss, DQb, ACCb, TURNb, gqn, sgqd,
                         j0 // BN1 + 1, scale, BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, MASKED=True, DQK=DQK, DV=DV,
                         BM=BM1, ORDERED_DQ=ORDERED_DQ, F32=F32)
     dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, groups, offs_n, pos,
-                        full_lo, q_all, n_eff, qk_scale, width, sl, sc, ss, DQb, ACCb, TURNb, gqn, sgqd,
+                        full_lo, q_end, n_eff, qk_scale, width, sl, sc, ss, DQb, ACCb, TURNb, gqn, sgqd,
                         j0 // BN1 + 1, scale, BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, MASKED=False, DQK=DQK, DV=DV,
                         BM=BM1, ORDERED_DQ=ORDERED_DQ, F32=F32)
-    _store_rows(DKb, pos, gqn, sgqd, kin, dk * scale, W=DQK, MERGE=MERGE, F32=F32)
-    _store_rows(DVb, pos, gvn, sgvd, kin, dv, W=DV, MERGE=MERGE, F32=F32)
+    write = True
+    if SEGMENTS:  # each segment adds its dK/dV in turn; the last one writes them
+        active = (j0 < t_total) & (seg >= first) & (seg <= last)
+        write = active & (seg == last)
+        if active & (last > first):
+            rank = seg - first
+            rows = (j0 + tl.arange(0, BN1))[:, None] * (DQK + DV)  # KVACC rows: dK's DQK columns, then dV's
+            k_ptr = KVACCb + rows + tl.arange(0, DQK)[None, :]
+            v_ptr = KVACCb + rows + DQK + tl.arange(0, DV)[None, :]
+            _wait_turn(KVTURNb + j0 // BN1, rank)
+            if rank > 0:
+                dk += tl.load(k_ptr, cache_modifier=".cg")
+                dv += tl.load(v_ptr, cache_modifier=".cg")
+            if seg < last:
+                tl.store(k_ptr, dk)
+                tl.store(v_ptr, dv)
+                _pass_turn(KVTURNb + j0 // BN1, rank)
+    if write:
+        _store_rows(DKb, pos, gqn, sgqd, kin, dk * scale, W=DQK, MERGE=MERGE, F32=F32)
+        _store_rows(DVb, pos, gvn, sgvd, kin, dv, W=DV, MERGE=MERGE, F32=F32)
 
 
 @triton.jit
@@ -659,38 +702,44 @@ def _bwd_role(slot, nkb, nks, nqb, BAND: tl.constexpr):
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, DO, GRAD_Q, GRAD_K, GRAD_V, LSE, DELTA, HEADS, STARTS, ACC, TURNS,
+def _bwd_kernel(Q, K, V, DO, GRAD_Q, GRAD_K, GRAD_V, LSE, DELTA, HEADS, STARTS, ACC, KVACC, TURNS,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
                 sgqb, sgqh, sgqn, sgqd, sgvb, sgvh, sgvn, sgvd,
-                n, H, HL, BH, groups, qk_scale, scale, width, sl, sc, nks,
+                n, H, HL, BH, groups, qk_scale, scale, width, sl, sc, nks, nseg, seg_rows,
                 BAND: tl.constexpr, OFF: tl.constexpr, SUMMARY: tl.constexpr, MERGE: tl.constexpr,
                 DQK: tl.constexpr, DV: tl.constexpr, BM1: tl.constexpr, BN1: tl.constexpr, BM2: tl.constexpr,
                 BN2: tl.constexpr, FUSED: tl.constexpr, ONE_LOOP: tl.constexpr, ORDERED_DQ: tl.constexpr,
-                HEAD_GROUP: tl.constexpr, F32: tl.constexpr):
+                SEGMENTS: tl.constexpr, HEAD_GROUP: tl.constexpr, F32: tl.constexpr):
     """dQ, dK, dV of one launch's parts; the program's slot picks the role (``_bwd_role``, longest work first).
     GRAD_Q and GRAD_K share one layout (strides sgq*), GRAD_V has its own (sgv*). ``nks``: summary key tiles of the
     head with the most summary cells (the host's count, so the roles line up across heads). ORDERED_DQ (summary
     launches): the summary part's dQ comes from the summary key tiles, added in turn to ACC ([b, H, n, DQK] float32)
     under per-chunk turn counters in TURNS (per (batch, head of the launch): a ticket counter, then one counter per
-    BM1 query rows; zeroed by the host); programs take their role from a ticket: query tiles first, then summary key
-    tiles in order, then band key tiles."""
+    BM1 query rows, then one counter per summary key tile; zeroed by the host); programs take their role from a
+    ticket: query tiles first, then summary key tiles in order, then band key tiles. SEGMENTS (with ORDERED_DQ):
+    each summary key tile runs as ``nseg`` programs, one per segment of ``seg_rows`` query rows, whose dK/dV are
+    added in turn in KVACC (``[BH, nks · BN1, DQK + DV]`` float32)."""
     tl.static_assert(not (FUSED and SUMMARY != SUM_NONE), "the fused role computes band-only launches")
     tl.static_assert(not ORDERED_DQ or (SUMMARY != SUM_NONE and not MERGE and not FUSED),
                      "ordered dQ is for summary launches in the natural layout")
     tl.static_assert(BAND != BAND_NONE or SUMMARY != SUM_NONE, "a launch computes at least one part")
+    tl.static_assert(ORDERED_DQ or not SEGMENTS, "segments come with the ordered reduction")
     nkb = tl.cdiv(tl.cdiv(n, groups), BN1)
     nqb = tl.cdiv(tl.cdiv(n, groups), BM2)
-    pid_bh, slot = _program(BH, (nkb if FUSED else nkb + nks + nqb) * groups, HEAD_GROUP=HEAD_GROUP)
+    pid_bh, slot = _program(BH, (nkb if FUSED else nkb + nks * nseg + nqb) * groups, HEAD_GROUP=HEAD_GROUP)
     grp = slot % groups
     role = slot // groups
+    seg = 0
     if not FUSED:
         role = _bwd_role(role, nkb, nks, nqb, BAND=BAND)
     n_eff = (n - grp + groups - 1) // groups
-    TURNb = TURNS + pid_bh * (tl.cdiv(n, BM1) + 1) + 1
-    if ORDERED_DQ:  # role by ticket: query tiles, then summary key tiles, then band key tiles
+    TURNb = TURNS + pid_bh * (tl.cdiv(n, BM1) + 1 + nks) + 1
+    if ORDERED_DQ:  # role by ticket: query tiles, then summary key tiles (segment by segment), then band key tiles
         ticket = tl.atomic_add(TURNb - 1, 1)
-        role = tl.where(ticket < nqb, nkb + nks + ticket, tl.where(ticket < nqb + nks, nkb + ticket - nqb,
-                                                                    ticket - nqb - nks))
+        p = ticket - nqb
+        summary = (p >= 0) & (p < nks * nseg)
+        role = tl.where(p < 0, nkb + nks + ticket, tl.where(summary, nkb + p // nseg, p - nks * nseg))
+        seg = tl.where(summary, p % nseg, 0)
     b = pid_bh // HL
     hl = pid_bh % HL
     h = tl.load(HEADS + hl)
@@ -711,6 +760,7 @@ def _bwd_kernel(Q, K, V, DO, GRAD_Q, GRAD_K, GRAD_V, LSE, DELTA, HEADS, STARTS, 
     gqn = sgqn * groups
     gvn = sgvn * groups
     ACCb = ACC + (b * H + h).to(tl.int64) * n * DQK  # the float32 buffer can pass 2^31 elements
+    KVACCb = KVACC + pid_bh.to(tl.int64) * nks * BN1 * (DQK + DV)
     if FUSED:
         i0 = role * BN1
         if i0 < n_eff:
@@ -724,10 +774,11 @@ def _bwd_kernel(Q, K, V, DO, GRAD_Q, GRAD_K, GRAD_V, LSE, DELTA, HEADS, STARTS, 
                        BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, MERGE=MERGE, DQK=DQK, DV=DV, BN1=BN1, BM1=BM1, F32=F32)
     elif role < nkb + nks:
         if SUMMARY != SUM_NONE:
-            _bwd_summary_keys(Qb, Kb, Vb, DOb, DQb, DKb, DVb, ACCb, TURNb, LSEb, DELb, qn, sqd, kn, skd, vn, svd,
-                              don, sdod, gqn, sgqd, gvn, sgvd, groups, (role - nkb) * BN1, n, n_eff, qk_scale, scale,
-                              width, sl, sc, ss, BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, MERGE=MERGE, DQK=DQK, DV=DV,
-                              BN1=BN1, BM1=BM1, ORDERED_DQ=ORDERED_DQ, F32=F32)
+            _bwd_summary_keys(Qb, Kb, Vb, DOb, DQb, DKb, DVb, ACCb, TURNb, KVACCb, TURNb + tl.cdiv(n, BM1), LSEb,
+                              DELb, qn, sqd, kn, skd, vn, svd, don, sdod, gqn, sgqd, gvn, sgvd, groups,
+                              (role - nkb) * BN1, seg, seg_rows, n, n_eff, qk_scale, scale, width, sl, sc, ss,
+                              BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, MERGE=MERGE, DQK=DQK, DV=DV, BN1=BN1, BM1=BM1,
+                              ORDERED_DQ=ORDERED_DQ, SEGMENTS=SEGMENTS, F32=F32)
     else:
         # later query tiles (more keys) first
         i0 = (tl.cdiv(tl.cdiv(n, groups), BM2) - 1 - (role - nkb - nks)) * BM2

@@ -186,11 +186,34 @@ def test_ordered_dq_matches_reference(name, pattern, n, heads, batch, d_qk, d_v,
         check_against_reference(q, k, v, do, pattern)
 
 
+# segments (BwdTiles.segment): a summary key tile's queries split into programs of `segment` rows, their dK/dV added
+# in turn; segments shorter and longer than a summary block, a key tile whose first queries fall mid-segment, a head
+# with fewer summary cells than the grid's widest, and a HeadSplit whose strided group has no summary launch
+SEGMENTED = [
+    ("fixed", Fixed(16, 4), 80, 2, 1, 32, 32, "fp16", BwdTiles(16, 16, 16, 16, stages=1, ordered_dq=True, segment=16)),
+    ("fixed_per_head_batch2", Fixed(16, 6, (0, 1)), 90, 2, 2, 64, 32, "bf16",
+     BwdTiles(16, 16, 32, 16, stages=1, ordered_dq=True, segment=48)),
+    ("summary_upto", FixedSummary(12, 5), 75, 2, 1, 32, 32, "fp32",
+     BwdTiles(16, 16, 16, 16, stages=1, ordered_dq=True, segment=32)),
+    ("headsplit_fixed_strided", HeadSplit((Fixed(16, 4, (0, 1)), Strided(8))), 64, 4, 1, 32, 64, "fp32",
+     BwdTiles(16, 16, 16, 16, stages=1, ordered_dq=True, segment=16)),
+]
+
+
 @in_child
-def test_ordered_dq_is_deterministic():
+@pytest.mark.parametrize("name,pattern,n,heads,batch,d_qk,d_v,dtype,bwd", SEGMENTED, ids=[c[0] for c in SEGMENTED])
+def test_segmented_ordered_dq_matches_reference(name, pattern, n, heads, batch, d_qk, d_v, dtype, bwd):
+    q, k, v, do = _inputs(batch, heads, n, d_qk, DTYPES[dtype], seed=zlib.crc32(f"segment-{name}".encode()), d_v=d_v)
+    with tile_override(fwd=FwdTiles(16, 16, stages=1), bwd=bwd):
+        check_against_reference(q, k, v, do, pattern)
+
+
+@in_child
+@pytest.mark.parametrize("segment", [0, 16], ids=["whole", "segments"])
+def test_ordered_dq_is_deterministic(segment):
     q, k, v, do = _inputs(1, 2, 64, 32, torch.float16, seed=11)
     grads = []
-    with tile_override(bwd=BwdTiles(16, 16, 16, 16, stages=1, ordered_dq=True)):
+    with tile_override(bwd=BwdTiles(16, 16, 16, 16, stages=1, ordered_dq=True, segment=segment)):
         for _ in range(2):
             qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
             sparse_attention(qq, kk, vv, Fixed(16, 4, (0, 1)), backend="triton").backward(do)
@@ -351,6 +374,21 @@ def test_ordered_dq_only_for_summary_launches():
         assert not _config("bwd", local, 64, 64, torch.bfloat16, 4096).ordered_dq
         assert not _config("bwd", strided, 64, 64, torch.bfloat16, 32).ordered_dq
     assert not _config("bwd", fixed, 64, 64, torch.bfloat16, 4096).ordered_dq  # off by default
+    with tile_override(bwd=BwdTiles(32, 64, 64, 32, ordered_dq=True, segment=1024)):
+        assert _config("bwd", fixed, 64, 64, torch.bfloat16, 4096).segment == 1024
+        assert _config("bwd", fixed, 64, 64, torch.bfloat16, 1000).segment == 0  # one segment would hold every row
+        assert _config("bwd", local, 64, 64, torch.bfloat16, 4096).segment == 0
+
+
+@in_parent
+@pytest.mark.parametrize(
+    "kwargs,rule",
+    [({"segment": 48}, "multiple of bm1=32"), ({"segment": -32}, "multiple of bm1=32"),
+     ({"segment": 64, "ordered_dq": False}, "needs ordered_dq=True")],
+)
+def test_segment_rules(kwargs, rule):
+    with pytest.raises(ValueError, match=rule):
+        BwdTiles(32, 64, 64, 32, **{"ordered_dq": True, **kwargs})
 
 
 class _TwoBands(Pattern):

@@ -8,7 +8,6 @@ backend. Set ``GPU_ERR_LOG=path`` to append one line of max relative errors per 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -164,17 +163,14 @@ def test_both_backward_programs(fused):
         check(1, 2, 4096, (32, 128), torch.bfloat16, Local(256))
 
 
-def test_ordered_dq_backward():
-    """The fixed pattern's backward with the summary part's dQ added in turn (BwdTiles.ordered_dq): against the
-    reference at the Enwik8 shape and a long one, and bit-identical twice."""
-    from dataclasses import replace
+@pytest.mark.parametrize("segment", [0, 1024], ids=["whole", "segments"])
+def test_ordered_dq_backward(segment):
+    """The fixed pattern's backward with the summary part's dQ added in turn (BwdTiles.ordered_dq), whole summary
+    key tiles or split into segments of 1,024 query rows (BwdTiles.segment): against the reference at the Enwik8
+    shape and a long one, and bit-identical twice."""
+    from lightning_sparse.kernels.tiles import ordered_dq_tiles
 
-    from lightning_sparse.kernels.tiles import select_tiles, tile_override
-
-    with contextlib.ExitStack() as stack:
-        for w in (32, 64, 128):
-            tiles = replace(select_tiles("bwd", "natural", w, w, torch.bfloat16), ordered_dq=True)
-            stack.enter_context(tile_override(bwd=tiles, layout="natural", widths=(w, w)))
+    with ordered_dq_tiles(segment):
         check(2, 8, 12288, 64, torch.bfloat16, Fixed(128, 32, (0, 1, 2, 3)))
         check(1, 2, 65536, 64, torch.bfloat16, Fixed(256, 64))
         check(2, 4, 4096, 32, torch.float16, Fixed(128, 32, (0, 1)))

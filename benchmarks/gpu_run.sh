@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The GPU checks and measurements the open work needs, one named step per call (each ends inside 10 minutes), with
+# every log written under OUT (default benchmarks/results/gpu_run). Run from the repository root on a CUDA machine:
+#
+#   bash benchmarks/gpu_run.sh STEP [OUT]
+#
+# Steps, most needed first:
+#   fit-test          whole `fit` + `validate` of the Enwik8 and CIFAR-10 configs (shrunk) with CUDA graphs
+#   train-step        sparse against dense, CUDA graphs: CIFAR-10, Enwik8, ImageNet 64, audio 65,536 (one run)
+#   ordered-ab        the ordered-dQ experiment: the Enwik8 step with segments 0 / 1024 / 2048 against the default,
+#                     then the attention row timed from CUDA graphs
+#   train-long        audio 262,144 and 1,048,576, sparse with CUDA graphs (and dense 262,144 where it fits)
+#   attention-graphs  the paper shapes timed from captured CUDA graphs (kernel time, no host time), no Flex
+#   attention         benchmarks/attention.py as the README reports it: paper shapes and targets, SDPA and Flex
+#   sweep-w32         tile sweep of the head-width-32 paper shapes (ImageNet 64, audio 65,536)
+#   suite-kernels     the kernels' GPU tests (tests/test_gpu_attention.py)
+#   suite-rest        the other GPU tests (training, sampling)
+#
+# On a machine without network, wheels of what it lacks (e.g. jsonargparse, docstring-parser, typeshed-client for
+# the CLI) placed in .whl/ are installed into /tmp/site first.
+set -euo pipefail
+step=${1:?usage: bash benchmarks/gpu_run.sh STEP [OUT] (steps are listed at the top of this file)}
+out=${2:-benchmarks/results/gpu_run}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# editable, so that pytest run from the root and the installed package are the same files
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$out/device.txt"
+
+run() {  # run NAME SECONDS CMD...: the command's output to OUT/NAME.log, stopped after SECONDS
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name: $*"
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" || echo "== $name ended with status ${PIPESTATUS[0]}"
+}
+
+case $step in
+fit-test)
+    run fit_test 540 python3 -m pytest -m gpu tests/test_gpu_fit_cudagraphs.py -q -s -x ;;
+train-step)
+    run train_step 560 python3 benchmarks/train_step.py --configs cifar10,enwik8,imagenet64,audio_65k \
+        --variants sparse-cudagraphs,dense-cudagraphs --top-kernels 6 --out "$out/train_step" ;;
+ordered-ab)
+    for seg in 1024 2048 0; do
+        run "train_step_ordered_$seg" 150 python3 benchmarks/train_step.py --configs enwik8 \
+            --variants sparse-cudagraphs,sparse-cudagraphs+ordered --segment "$seg" --top-kernels 3 \
+            --out "/tmp/ts_ordered_$seg"
+    done
+    run attention_ordered 100 python3 benchmarks/attention.py --paper-shapes enwik8 --paper-shapes-only --no-flex \
+        --cuda-graphs --ordered-dq --segment 1024 --json "$out/attention_ordered.json" ;;
+train-long)
+    run train_long 560 python3 benchmarks/train_step.py --configs audio_262k,audio_1m \
+        --variants sparse-cudagraphs,dense-cudagraphs --out "$out/train_long" ;;
+attention-graphs)
+    run attention_graphs 560 python3 benchmarks/attention.py --paper-shapes-only --no-flex --cuda-graphs \
+        --json "$out/attention_graphs.json" ;;
+attention)
+    run attention 580 python3 benchmarks/attention.py --json "$out/attention.json" ;;
+sweep-w32)
+    run sweep_w32 560 python3 benchmarks/attention.py --sweep --paper-shapes-only --paper-shapes imagenet64,audio65k \
+        --no-flex --json "$out/sweep_w32.json" ;;
+suite-kernels)
+    GPU_ERR_LOG=$out/gpu_errors.txt run suite_kernels 570 python3 -m pytest -m gpu tests/test_gpu_attention.py -q ;;
+suite-rest)
+    run suite_rest 570 python3 -m pytest -m gpu -q --ignore=tests/test_gpu_attention.py \
+        --ignore=tests/test_gpu_fit_cudagraphs.py --ignore=tests/test_gpu_multi.py ;;
+*)
+    echo "unknown step '$step': see the list at the top of benchmarks/gpu_run.sh" >&2
+    exit 2 ;;
+esac
