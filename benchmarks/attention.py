@@ -13,9 +13,9 @@ Run on one GPU: ``python benchmarks/attention.py`` (options: ``--help``). Three 
 Times are medians in ms; "useful" TFLOP/s count only the allowed (query, key) pairs: 2·nnz·(d_qk + d_v) per head
 forward, 3.5× that forward+backward. ``--sweep`` first times candidate tile configurations (of the paper shapes
 with ``--paper-shapes-only``, else of the n = 16,384 targets), keeps the fastest for the rest of the run and
-prints them as ``tiles.DEFAULTS`` entries. ``--ordered-dq`` runs the fixed pattern's backward with the
-experimental ordered dQ reduction (``BwdTiles.ordered_dq``; ``--segment ROWS`` splits the summary key tiles'
-queries, ``BwdTiles.segment``) for an A/B against the default. ``--cuda-graphs``
+prints them as ``tiles.DEFAULTS`` entries. ``--ordered-dq`` / ``--ordered-kv`` run the fixed pattern's backward
+with one of the experimental 5-product designs (``BwdTiles.ordered_dq``, with ``--segment ROWS`` splitting the
+summary key tiles' queries; ``BwdTiles.ordered_kv``) for an A/B against the default. ``--cuda-graphs``
 times replays of captured CUDA graphs instead of eager calls (kernel time only: at the Enwik8 shape one eager
 forward+backward costs about as much host time as GPU time); written in session 6, not yet run on a GPU.
 """
@@ -38,7 +38,7 @@ from lightning_sparse.atomic import atomic_write
 from lightning_sparse.kernels import Dense, Fixed, Pattern, Strided, sparse_attention
 from lightning_sparse.kernels import triton_backend as tb
 from lightning_sparse.kernels.launch_plan import launch_plan
-from lightning_sparse.kernels.tiles import DEFAULTS, BwdTiles, FwdTiles, ordered_dq_tiles, select_tiles, tile_override
+from lightning_sparse.kernels.tiles import DEFAULTS, BwdTiles, FwdTiles, ordered_tiles, select_tiles, tile_override
 
 
 def nnz(pattern: Pattern, n: int) -> float:
@@ -338,7 +338,12 @@ SWEEP = {
                              B_(32, 128, 128, 64, 8, 3, 128, ordered_dq=True, segment=2048),
                              B_(32, 128, 128, 64, 8, 3, 128, ordered_dq=True, segment=1024),
                              B_(64, 128, 128, 64, 8, 3, 0, ordered_dq=True, segment=2048),
-                             B_(64, 64, 64, 64, 4, 3, 0, ordered_dq=True)],
+                             B_(64, 64, 64, 64, 4, 3, 0, ordered_dq=True),
+                             # ordered dK/dV: at the 128 cap 64-key steps spill 576 B, 32-key steps 168 B (triton 3.6)
+                             B_(32, 128, 128, 64, 8, 3, 128, ordered_kv=True),
+                             B_(32, 128, 128, 32, 8, 3, 128, ordered_kv=True),
+                             B_(32, 128, 128, 32, 8, 3, 0, ordered_kv=True),
+                             B_(32, 128, 128, 64, 8, 3, 0, ordered_kv=True)],
     ("fwd", "local", 128): [F_(128, 64, 8, 3), F_(64, 64, 4, 3, one_loop=True)],
     ("fwd", "strided", 128): [F_(128, 64, 8, 3), F_(64, 64, 4, 3, one_loop=True)],
     ("fwd", "natural", 128): [F_(128, 64, 8, 3), F_(128, 64, 8, 3, 128)],
@@ -355,7 +360,9 @@ SWEEP = {
     ("bwd", "strided", 32): [B_(32, 128, 128, 32, 8, 2, 128, True), B_(64, 64, 64, 64, 4, 2, 168, True, True)],
     ("bwd", "natural", 32): [B_(32, 128, 128, 64, 8, 3, 128), B_(64, 128, 128, 64, 8, 3, 128),
                              B_(32, 128, 128, 128, 8, 3, 128, ordered_dq=True),
-                             B_(32, 128, 128, 128, 8, 3, 128, ordered_dq=True, segment=2048)],
+                             B_(32, 128, 128, 128, 8, 3, 128, ordered_dq=True, segment=2048),
+                             B_(32, 128, 128, 32, 8, 3, 128, ordered_kv=True),
+                             B_(32, 128, 128, 64, 8, 3, 0, ordered_kv=True)],
 }
 
 
@@ -465,6 +472,8 @@ def main(argv=None):
                     help="fixed-pattern backward with the summary part's dQ added in turn (BwdTiles.ordered_dq)")
     ap.add_argument("--segment", type=int, default=0,
                     help="with --ordered-dq: query rows per summary key program (BwdTiles.segment; 0: whole tile)")
+    ap.add_argument("--ordered-kv", action="store_true",
+                    help="fixed-pattern backward by query tiles, the summary keys' dK/dV added in turn (ordered_kv)")
     ap.add_argument("--head-group", type=int, default=tb.HEAD_GROUP,
                     help="heads a causal or summary launch schedules together, longest first (1: head by head)")
     ap.add_argument("--cuda-graphs", action="store_true",
@@ -475,8 +484,10 @@ def main(argv=None):
     tb.HEAD_GROUP = args.head_group
     global CUDA_GRAPHS
     CUDA_GRAPHS = args.cuda_graphs
-    if args.ordered_dq:
-        _KEEP.enter_context(ordered_dq_tiles(args.segment))
+    if args.ordered_dq and args.ordered_kv:
+        ap.error("--ordered-dq and --ordered-kv are two designs of the same backward: pick one.")
+    if args.ordered_dq or args.ordered_kv:
+        _KEEP.enter_context(ordered_tiles("dq" if args.ordered_dq else "kv", args.segment))
     if args.no_flex:
         args.max_flex_n = args.max_flex_n_128 = 0
     args.dims = [int(x) for x in args.dims.split(",") if x]

@@ -6,8 +6,8 @@ tiles the backend would pick for bf16 at n = 16,384, for sm_90 (``--arch``), and
 and the stack frame (spills show up there) that ``cuobjdump --dump-resource-usage`` reads from the binary. Nothing
 runs; triton's bundled ptxas and cuobjdump do the work. Use it to check that a kernel change compiles on another
 triton version (e.g. ``PYTHONPATH=<dir with triton 3.6> python benchmarks/compile_check.py``) and what it does to
-register pressure before spending GPU time. ``--ordered-dq`` (and ``--segment ROWS``) compiles the fixed pattern's
-backward with the ordered dQ reduction (and segmented summary key tiles) instead of the defaults.
+register pressure before spending GPU time. ``--ordered-dq`` (and ``--segment ROWS``) or ``--ordered-kv`` compiles
+the fixed pattern's backward with that 5-product design instead of the defaults.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from lightning_sparse.kernels import Fixed, Strided
 from lightning_sparse.kernels import triton_backend as tb
 from lightning_sparse.kernels.launch_plan import launch_plan
-from lightning_sparse.kernels.tiles import ordered_dq_tiles
+from lightning_sparse.kernels.tiles import ordered_tiles
 
 POINTERS = {"Q", "K", "V", "Out", "DO", "GRAD_Q", "GRAD_K", "GRAD_V"}
 FLOAT32_POINTERS = {"LSE", "DELTA", "ACC", "KVACC"}
@@ -72,8 +72,10 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=16384, help="sequence length (tiles are capped at a launch's rows)")
     ap.add_argument("--ordered-dq", action="store_true", help="fixed backward with the ordered dQ reduction")
     ap.add_argument("--segment", type=int, default=0, help="with --ordered-dq: query rows per summary key program")
+    ap.add_argument("--ordered-kv", action="store_true", help="fixed backward with the ordered dK/dV reduction")
     args = ap.parse_args(argv)
-    with ordered_dq_tiles(args.segment) if args.ordered_dq else contextlib.nullcontext():
+    design = "dq" if args.ordered_dq else "kv" if args.ordered_kv else None
+    with ordered_tiles(design, args.segment) if design else contextlib.nullcontext():
         _report(args)
 
 
@@ -97,7 +99,8 @@ def _report(args: argparse.Namespace) -> None:
                 else:
                     fn = kern._bwd_kernel
                     const = {**common, "BM1": t.bm1, "BN1": t.bn1, "BM2": t.bm2, "BN2": t.bn2, "FUSED": t.fused,
-                             "ORDERED_DQ": t.ordered_dq, "SEGMENTS": t.segment > 0}
+                             "ORDERED_DQ": t.ordered_dq, "SEGMENTS": t.segment > 0,
+                             "ORDERED_KV": t.ordered_kv}
                 regs, stack = resources(fn, const, tb._launch_options(t), args.arch)
                 print(f"d_qk={d_qk:3d} d_v={d_v:3d} {kind}:{layout:8s} {t!r}: {regs} registers, {stack} B stack",
                       flush=True)

@@ -7,8 +7,9 @@
 # Steps, most needed first:
 #   fit-test          whole `fit` + `validate` of the Enwik8 and CIFAR-10 configs (shrunk) with CUDA graphs
 #   train-step        sparse against dense, CUDA graphs: CIFAR-10, Enwik8, ImageNet 64, audio 65,536 (one run)
-#   ordered-ab        the ordered-dQ experiment: the Enwik8 step with segments 0 / 1024 / 2048 against the default,
-#                     then the attention row timed from CUDA graphs
+#   ordered-ab        the 5-product backwards: the Enwik8 step with ordered dK/dV and with ordered dQ (segments of
+#                     1,024 rows) against the default, then the attention rows timed from CUDA graphs
+#   sweep-enwik8      tile sweep of the Enwik8 shape (the candidates include both 5-product designs), CUDA graphs
 #   train-long        audio 262,144 and 1,048,576, sparse with CUDA graphs (and dense 262,144 where it fits)
 #   attention-graphs  the paper shapes timed from captured CUDA graphs (kernel time, no host time), no Flex
 #   attention         benchmarks/attention.py as the README reports it: paper shapes and targets, SDPA and Flex
@@ -45,13 +46,16 @@ train-step)
     run train_step 560 python3 benchmarks/train_step.py --configs cifar10,enwik8,imagenet64,audio_65k \
         --variants sparse-cudagraphs,dense-cudagraphs --top-kernels 6 --out "$out/train_step" ;;
 ordered-ab)
-    for seg in 1024 2048 0; do
-        run "train_step_ordered_$seg" 150 python3 benchmarks/train_step.py --configs enwik8 \
-            --variants sparse-cudagraphs,sparse-cudagraphs+ordered --segment "$seg" --top-kernels 3 \
-            --out "/tmp/ts_ordered_$seg"
-    done
-    run attention_ordered 100 python3 benchmarks/attention.py --paper-shapes enwik8 --paper-shapes-only --no-flex \
-        --cuda-graphs --ordered-dq --segment 1024 --json "$out/attention_ordered.json" ;;
+    run train_step_ordered 240 python3 benchmarks/train_step.py --configs enwik8 --variants \
+        sparse-cudagraphs,sparse-cudagraphs+ordered-kv,sparse-cudagraphs+ordered-dq --segment 1024 --top-kernels 3 \
+        --out /tmp/ts_ordered
+    for design in "" --ordered-kv "--ordered-dq --segment 1024"; do
+        run "attention_enwik8${design// /_}" 60 python3 benchmarks/attention.py --paper-shapes enwik8 \
+            --paper-shapes-only --no-flex --cuda-graphs $design
+    done ;;
+sweep-enwik8)
+    run sweep_enwik8 560 python3 benchmarks/attention.py --sweep --paper-shapes enwik8 --paper-shapes-only --no-flex \
+        --cuda-graphs ;;
 train-long)
     run train_long 560 python3 benchmarks/train_step.py --configs audio_262k,audio_1m \
         --variants sparse-cudagraphs,dense-cudagraphs --out "$out/train_long" ;;

@@ -13,8 +13,8 @@ Then the ordered-dQ backward (``BwdTiles.ordered_dq``: 5 products per summary bl
 added by the summary key tiles in turn) at the Enwik8 shape, simulated event by event: programs start in ticket
 order, a key tile's step waits until the tile before it has added its part to the chunk, and every add costs
 ``sigma`` extra units (the turn's atomics and the float32 read-add-write); with ``BwdTiles.segment`` the summary
-key tiles' queries are split into programs of that many rows, whose dK/dV are added in turn at their end. And, for
-comparison, the dual design (not built): query-stationary summary programs adding the key tiles' dK/dV in turn.
+key tiles' queries are split into programs of that many rows, whose dK/dV are added in turn at their end. And the
+dual design (``BwdTiles.ordered_kv``): query-stationary programs adding the summary key tiles' dK/dV in turn.
 Printed: makespans over the 7-product kernel's. CPU only, no torch.
 """
 
@@ -126,10 +126,10 @@ def ordered_backward(heads: int, n: int, stride: int, c: int, sigma: float, segm
 
 def ordered_kv_backward(heads: int, n: int, stride: int, c: int, sigma: float, bm: int = 128, bn: int = 64,
                         overhead: float = 2.0) -> list[Iterator[tuple]]:
-    """A design not yet built, for comparison: the summary part query-stationary, 5 products per block, with the
-    summary key tiles' dK/dV added in turn (rank: later query tiles first, the programs' start order) — one turn per
-    (query tile, key tile of ``bn`` keys) instead of one per (key tile, ``bm1`` query rows), and no long programs
-    (a query tile sees at most n / stride · c summary keys). The band part's products as in the other models."""
+    """The ordered dK/dV backward (``BwdTiles.ordered_kv``): the summary part query-stationary, 5 products per
+    block, the summary key tiles' dK/dV added in turn (rank: later query tiles first, the programs' start order) —
+    one turn per (query tile, key tile of ``bn`` keys) instead of one per (key tile, ``bm1`` query rows), and no long
+    programs (a query tile sees at most n / stride · c summary keys). The band part's products as in the others."""
     tiles = n // bm
     tickets = []
     for h in range(heads):
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     print("Enwik8 5-product backwards, makespan over the 7-product kernel's. sigma: units per turn (a key tile's step "
           "of 32 queries is 2.05 units, a query tile's step of 64 keys 4.10)")
     print("  sigma  ordered dQ: whole  " + "  ".join(f"seg {s:5d}" for s in (4096, 2048, 1024, 512))
-          + "  | ordered dK/dV (not built)")
+          + "  | ordered dK/dV")
     for sigma in (0.0, 0.2, 0.5, 1.0, 2.0):
         row = [simulate(ordered_backward(16, 12288, 128, 32, sigma, seg), args.slots) / seven
                for seg in (0, 4096, 2048, 1024, 512)]

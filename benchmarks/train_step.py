@@ -3,7 +3,7 @@
     python benchmarks/train_step.py --configs cifar10,enwik8,imagenet64,audio_65k      # ≈ 9 min on one H200
     python benchmarks/train_step.py --configs audio_262k,audio_1m
     python benchmarks/train_step.py --configs enwik8 --variants sparse-compiled,dense-compiled --steps 5
-    python benchmarks/train_step.py --configs enwik8 --variants sparse-cudagraphs,sparse-cudagraphs+ordered
+    python benchmarks/train_step.py --configs enwik8 --variants sparse-cudagraphs,sparse-cudagraphs+ordered-kv
     python benchmarks/train_step.py --smoke                  # tiny models on the CPU: checks the script runs
 
 For each config (``configs/<name>.yaml``, read with PyYAML and a small ``class_path`` resolver: no jsonargparse
@@ -15,9 +15,9 @@ in up to four variants:
 * ``dense`` / ``dense-compiled``: the same model with ``Dense()`` attention on the ``sdpa`` backend
   (``F.scaled_dot_product_attention(is_causal=True)``: FlashAttention), eager or compiled. Skipped where its
   estimated attention time alone exceeds ``--dense-limit-s`` (the output says so).
-* ``*-cudagraphs``: compiled with ``mode="reduce-overhead"`` (CUDA graphs); a sparse variant with the suffix
-  ``+ordered`` runs the fixed pattern's backward with the ordered dQ reduction and ``--segment`` rows per summary
-  key program (``kernels.tiles.ordered_dq_tiles``): the experiment's A/B in a whole step.
+* ``*-cudagraphs``: compiled with ``mode="reduce-overhead"`` (CUDA graphs). A sparse variant with the suffix
+  ``+ordered-dq`` (with ``--segment`` rows per summary key program) or ``+ordered-kv`` runs the fixed pattern's
+  backward with that 5-product design (``kernels.tiles.ordered_tiles``): the experiment's A/B in a whole step.
 
 One step is what the Trainer runs under the config: ``training_step`` on random bytes under bf16 autocast,
 backward, gradient-norm clipping at ``gradient_clip_val``, a fused AdamW step. Reported: the first step (which
@@ -51,7 +51,7 @@ from profiling import busy_fraction, top_kernels  # benchmarks/profiling.py
 
 from lightning_sparse.atomic import atomic_write
 from lightning_sparse.kernels import Dense, FixedBlock, FixedSummary, Interleaved, Local, Pattern, StridedColumns
-from lightning_sparse.kernels.tiles import ordered_dq_tiles
+from lightning_sparse.kernels.tiles import ordered_tiles
 from lightning_sparse.yaml_objects import instantiate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ CONFIGS = ROOT / "configs"
 PAPER_CONFIGS = ("cifar10", "enwik8", "imagenet64", "audio_65k", "audio_262k", "audio_1m")
 VARIANTS = ("sparse", "sparse-compiled", "dense", "dense-compiled")
 CUDA_GRAPH_VARIANTS = ("sparse-cudagraphs", "dense-cudagraphs")  # compiled with mode="reduce-overhead"
-ORDERED = "+ordered"  # suffix of a sparse variant: the fixed backward with the ordered dQ reduction
+ORDERED = ("+ordered-dq", "+ordered-kv")  # suffixes of a sparse variant: the fixed backward's 5-product designs
 DENSE_TFLOPS_ESTIMATE = 400e12  # H200 dense causal SDPA forward+backward, bf16 (benchmarks/attention.py)
 FLOP_FORMULA = (
     "model FLOPs per step = 6·N·T + Σ_layers 6·B·pairs·(d_qk + d_v): N = parameters without the token and position "
@@ -105,10 +105,17 @@ def model_args(config: dict, smoke: bool) -> dict:
     return args
 
 
+def base_variant(variant: str) -> str:
+    """The variant without a ``+ordered-*`` tile suffix."""
+    for suffix in ORDERED:
+        variant = variant.removesuffix(suffix)
+    return variant
+
+
 def build(config: dict, variant: str, smoke: bool) -> Any:
     """The config's LightningModule for ``variant`` (dense: ``Dense()`` on sdpa, same position embeddings)."""
     args = model_args(config, smoke)
-    variant = variant.removesuffix(ORDERED)  # the tiles, not the model, differ
+    variant = base_variant(variant)  # the tiles, not the model, differ
     args["compile"] = variant.endswith(("-compiled", "-cudagraphs"))
     if variant.endswith("-cudagraphs"):
         args["compile_mode"] = "reduce-overhead"
@@ -173,7 +180,7 @@ def measure(name: str, config: dict, variant: str, args: argparse.Namespace, dev
     precision = str(trainer_cfg.get("precision", "32-true"))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16") and cuda)
     clip = trainer_cfg.get("gradient_clip_val")
-    compiled = variant.removesuffix(ORDERED).endswith(("-compiled", "-cudagraphs"))
+    compiled = base_variant(variant).endswith(("-compiled", "-cudagraphs"))
     torch._dynamo.reset()
     module = build(config, variant, args.smoke)
     with torch.device(device):
@@ -315,17 +322,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "benchmarks/results/train_step_<configs>)")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, batch 1: checks the script")
     parser.add_argument("--segment", type=int, default=2048,
-                        help=f"the {ORDERED} variants' query rows per summary key program (BwdTiles.segment; 0: whole)")
+                        help=f"the {ORDERED[0]} variants' query rows per summary key program (BwdTiles.segment)")
     args = parser.parse_args(argv)
     names = [c for c in args.configs.split(",") if c]
     if args.out is None:
         args.out = ROOT / "benchmarks" / "results" / f"train_step_{'-'.join(names)}{'_smoke' if args.smoke else ''}"
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
-        base = v.removesuffix(ORDERED)
+        base = base_variant(v)
         if base not in VARIANTS + CUDA_GRAPH_VARIANTS or (base != v and not base.startswith("sparse")):
             raise SystemExit(f"--variants: {v!r} is not one of {', '.join(VARIANTS + CUDA_GRAPH_VARIANTS)}, or a "
-                             f"sparse one with the suffix {ORDERED}")
+                             f"sparse one with a suffix {' or '.join(ORDERED)}")
     if args.warmup < 1 or args.steps < 1:
         raise SystemExit("--warmup and --steps must be at least 1")
     if args.smoke:
@@ -361,7 +368,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                        "skipped": f"skipped: dense attention alone ≈ {estimate:.0f} s/step (> --dense-limit-s)"}
             else:
                 try:
-                    with ordered_dq_tiles(args.segment) if variant.endswith(ORDERED) else contextlib.nullcontext():
+                    design = variant[len(base_variant(variant)) + len("+ordered-"):]
+                    with ordered_tiles(design, args.segment) if design else contextlib.nullcontext():
                         row = measure(name, config, variant, args, device)
                 except torch.OutOfMemoryError:
                     row = {"config": name, "variant": variant, "error": "out of memory"}

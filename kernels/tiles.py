@@ -56,7 +56,10 @@ class BwdTiles:
     the key-stationary programs in a fixed order (5 matrix products per block instead of 7; an experiment, off by
     default until timed); ``segment`` (with it; a multiple of ``bm1``, 0: none) splits each summary key tile's
     queries into programs of that many rows, whose dK/dV are added in a fixed order too, so that the key tile that
-    every later query sees is not one long program. ``warps``, ``stages``, ``maxnreg``, ``one_loop`` as in
+    every later query sees is not one long program. ``ordered_kv`` (the other 5-product design, off by default
+    until timed): launches with a summary part whose query tiles hold whole blocks (``bm2`` a multiple of the
+    stride) run one program per query tile that computes every gradient of its pairs, the summary key tiles' dK/dV
+    added across tiles in a fixed order, ``bn2`` keys a step. ``warps``, ``stages``, ``maxnreg``, ``one_loop`` as in
     :class:`FwdTiles`."""
 
     bm1: int
@@ -70,12 +73,15 @@ class BwdTiles:
     one_loop: bool = False
     ordered_dq: bool = False
     segment: int = 0
+    ordered_kv: bool = False
 
     def __post_init__(self) -> None:
         _check_pow2(self, bm1=self.bm1, bn1=self.bn1, bm2=self.bm2, bn2=self.bn2)
         if self.segment < 0 or self.segment % self.bm1:
             raise ValueError(f"BwdTiles.segment must be 0 or a positive multiple of bm1={self.bm1} (query rows of a "
                              f"summary key program), got {self.segment}.")
+        if self.ordered_kv and self.ordered_dq:
+            raise ValueError("BwdTiles: ordered_kv and ordered_dq are two designs of the same backward; set one.")
         if self.segment and not self.ordered_dq:
             raise ValueError(f"BwdTiles.segment={self.segment} needs ordered_dq=True (the segments' dK/dV are added in "
                              "order); set ordered_dq=True or segment=0.")
@@ -175,15 +181,17 @@ def select_tiles(kind: str, layout: str, d_qk: int, d_v: int, dtype: torch.dtype
 
 
 @contextmanager
-def ordered_dq_tiles(segment: int = 0) -> Iterator[None]:
+def ordered_tiles(design: str, segment: int = 0, **changes: int) -> Iterator[None]:
     """Inside the ``with`` block, natural-layout backward launches (the fixed pattern's) at every head width use their
-    default 16-bit tiles with ``ordered_dq=True`` and ``segment`` (see :class:`BwdTiles`): the A/B switch of the
-    ordered dQ experiment in the benchmarks."""
+    default 16-bit tiles with one of the 5-product designs: ``design="dq"`` (``ordered_dq``, with ``segment``) or
+    ``"kv"`` (``ordered_kv``; ``segment`` ignored); ``changes`` replace other fields (e.g. ``maxnreg=0``). The benchmarks' A/B switch."""
+    if design not in ("dq", "kv"):
+        raise ValueError(f"ordered_tiles: design must be 'dq' or 'kv', got {design!r}.")
     widths = sorted({w for (_, _, w, _) in DEFAULTS})
     with ExitStack() as stack:
         for d_qk in widths:
             for d_v in widths:
-                tiles = replace(select_tiles("bwd", "natural", d_qk, d_v, torch.bfloat16), ordered_dq=True,
-                                segment=segment)
+                tiles = replace(select_tiles("bwd", "natural", d_qk, d_v, torch.bfloat16), ordered_dq=design == "dq",
+                                ordered_kv=design == "kv", segment=segment if design == "dq" else 0, **changes)
                 stack.enter_context(tile_override(bwd=tiles, layout="natural", widths=(d_qk, d_v)))
         yield

@@ -102,7 +102,10 @@ def _config(kind: str, launch: Launch, d_qk: int, d_v: int, dtype: torch.dtype, 
         if ordered:  # a query tile holds whole chunks of bm1 rows
             tiles = replace(tiles, bm2=max(tiles.bm2, tiles.bm1))
         segment = tiles.segment if ordered and tiles.segment < _rounded(n_eff, tiles.bm1) else 0
-        tiles = replace(tiles, fused=fused, ordered_dq=ordered, segment=segment)
+        # ordered dK/dV: query tiles must hold whole blocks (a band key is then seen by its own tile only)
+        kv = (tiles.ordered_kv and launch.summary != SUM_NONE and not launch.merge
+              and tiles.bm2 % launch.summary_stride == 0)
+        tiles = replace(tiles, fused=fused, ordered_dq=ordered, segment=segment, ordered_kv=kv)
     return tiles
 
 
@@ -219,26 +222,36 @@ def _backward(
         # segments of a summary key tile's queries (one program each); one segment of all rows without
         seg_rows = t.segment or _rounded(n_eff, t.bm1)
         nseg = -(-_rounded(n_eff, t.bm1) // seg_rows)
-        if t.fused:
+        nqb = -(-n_eff // t.bm2)
+        if t.ordered_kv:
+            programs = nqb
+        elif t.fused:
             programs = -(-n_eff // t.bn1)
         else:
-            programs = -(-n_eff // t.bn1) + nks * nseg + -(-n_eff // t.bm2)
+            programs = -(-n_eff // t.bn1) + nks * nseg + nqb
         bh = b * len(launch.heads)
-        acc = kv_acc = dq  # not read unless ordered / segmented
-        turns = heads
-        if t.ordered_dq:  # float32 partial dQ sums; per (batch, head) a ticket, a turn per bm1 rows and per key tile
+        # the ordered reductions' float32 partial sums and, per (batch, head), a ticket and the turn counters: one per
+        # bm1 query rows and one per summary key tile (ordered dQ), or one per bn2 summary keys (ordered dK/dV)
+        acc = kv_acc = dq  # not read unless ordered
+        turns, turn_stride, kv_rows = heads, 0, 0
+        if t.ordered_dq:
             acc = torch.empty((b, h, n, d_qk), dtype=torch.float32, device=q.device)
-            turns = torch.zeros(bh * (-(-n // t.bm1) + 1 + nks), dtype=torch.int32, device=q.device)
-        if nseg > 1:  # float32 partial dK/dV sums of the summary key tiles
-            kv_acc = torch.empty((bh, nks * t.bn1, d_qk + d_v), dtype=torch.float32, device=q.device)
+            turn_stride, kv_rows = 1 + -(-n // t.bm1) + nks, nks * t.bn1 * (nseg > 1)
+        if t.ordered_kv:
+            kv_rows = _summary_tiles(launch, n, t.bn2) * t.bn2
+            turn_stride = 1 + kv_rows // t.bn2
+        if turn_stride:
+            turns = torch.zeros(bh * turn_stride, dtype=torch.int32, device=q.device)
+        if kv_rows:
+            kv_acc = torch.empty((bh, kv_rows, d_qk + d_v), dtype=torch.float32, device=q.device)
         kern._bwd_kernel[(programs * groups * bh,)](
             q, k, v, do, dq, dk, dv, lse, delta, heads, starts, acc, kv_acc, turns,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *dv.stride(),
             n, h, len(launch.heads), bh, groups, scale * LOG2E, scale, launch.width, launch.summary_stride,
-            launch.summary_size, nks, nseg, seg_rows,
+            launch.summary_size, nks, nseg, seg_rows, kv_rows, turn_stride,
             **_parts(launch), DQK=d_qk, DV=d_v, BM1=t.bm1, BN1=t.bn1, BM2=t.bm2, BN2=t.bn2, FUSED=t.fused,
-            ONE_LOOP=t.one_loop, ORDERED_DQ=t.ordered_dq, SEGMENTS=nseg > 1, HEAD_GROUP=_head_group(launch), F32=f32,
-            **_launch_options(t),
+            ONE_LOOP=t.one_loop, ORDERED_DQ=t.ordered_dq, SEGMENTS=nseg > 1, ORDERED_KV=t.ordered_kv,
+            HEAD_GROUP=_head_group(launch), F32=f32, **_launch_options(t),
         )  # fmt: skip
     return dq, dk, dv
 

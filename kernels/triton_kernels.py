@@ -21,7 +21,10 @@ for summary launches, off by default): the summary key tiles also produce the su
 float32 buffer in a fixed order under per-chunk turn counters (FA3's deterministic mode), so no block of the summary
 part computes S and dP twice (5 matrix products per block instead of 7); still deterministic. ``SEGMENTS`` (with
 it): each summary key tile runs as one program per segment of its queries, the segments' dK/dV added in turn too,
-so that the key tile every later query sees is not one program as long as the launch.
+so that the key tile every later query sees is not one program as long as the launch. ``ORDERED_KV`` (the other
+5-product design, also off by default): a summary launch whose query tiles hold whole blocks runs one program per
+query tile (``_bwd_kv_tile``) that computes every gradient of its pairs; the band keys are its own, the summary key
+tiles' dK/dV are added across tiles in a fixed order (later tiles first) under one turn counter per key tile.
 
 Schedule: the grid is one-dimensional; ``_program`` maps a program to its (batch·head, slot), slots numbered longest
 work first, heads in groups of ``HEAD_GROUP`` so that the longest programs of all of a group's heads start first.
@@ -426,6 +429,27 @@ def _add_dq_in_turn(DQb, ACCb, TURNb, offs_m, ok, gqn, sgqd, chunk, rank, last, 
 
 
 @triton.jit
+def _add_kv_in_turn(DKb, DVb, KVACCb, TURN, rows, pos, kin, gqn, sgqd, gvn, sgvd, rank, last, dk, dv, scale,
+                    DQK: tl.constexpr, DV: tl.constexpr, F32: tl.constexpr):
+    """Deterministic dK/dV reduction across programs: wait for turn ``rank`` at TURN, add ``dk``, ``dv`` (float32
+    parts of the key rows ``rows`` of KVACC, sequence rows ``pos``) to the partial sums the earlier ranks left there
+    (rank 0 finds none), and pass the turn on; the last contributor writes dK (scaled) and dV instead."""
+    _wait_turn(TURN, rank)
+    k_ptr = KVACCb + rows[:, None] * (DQK + DV) + tl.arange(0, DQK)[None, :]  # a KVACC row: dK's DQK columns, dV's DV
+    v_ptr = KVACCb + rows[:, None] * (DQK + DV) + DQK + tl.arange(0, DV)[None, :]
+    if rank > 0:
+        dk += tl.load(k_ptr, mask=kin[:, None], other=0.0, cache_modifier=".cg")
+        dv += tl.load(v_ptr, mask=kin[:, None], other=0.0, cache_modifier=".cg")
+    if last:
+        _store_rows(DKb, pos, gqn, sgqd, kin, dk * scale, W=DQK, MERGE=False, F32=F32)
+        _store_rows(DVb, pos, gvn, sgvd, kin, dv, W=DV, MERGE=False, F32=F32)
+    else:
+        tl.store(k_ptr, dk, mask=kin[:, None])
+        tl.store(v_ptr, dv, mask=kin[:, None])
+        _pass_turn(TURN, rank)
+
+
+@triton.jit
 def _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELb, qn, sqd, don, sdod, lsen, offs_n, pos, start, end,
                n_eff, qk_scale, width, sl, sc, ss, DQb, ACCb, TURNb, gqn, sgqd, rank, scale,
                BAND: tl.constexpr, OFF: tl.constexpr, SUMMARY: tl.constexpr, MASKED: tl.constexpr,
@@ -618,22 +642,12 @@ def _bwd_summary_keys(Qb, Kb, Vb, DOb, DQb, DKb, DVb, ACCb, TURNb, KVACCb, KVTUR
                         j0 // BN1 + 1, scale, BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, MASKED=False, DQK=DQK, DV=DV,
                         BM=BM1, ORDERED_DQ=ORDERED_DQ, F32=F32)
     write = True
-    if SEGMENTS:  # each segment adds its dK/dV in turn; the last one writes them
+    if SEGMENTS:  # the segments holding queries of a tile add its dK/dV in turn, the last one writes them
         active = (j0 < t_total) & (seg >= first) & (seg <= last)
-        write = active & (seg == last)
+        write = active & (last == first)
         if active & (last > first):
-            rank = seg - first
-            rows = (j0 + tl.arange(0, BN1))[:, None] * (DQK + DV)  # KVACC rows: dK's DQK columns, then dV's
-            k_ptr = KVACCb + rows + tl.arange(0, DQK)[None, :]
-            v_ptr = KVACCb + rows + DQK + tl.arange(0, DV)[None, :]
-            _wait_turn(KVTURNb + j0 // BN1, rank)
-            if rank > 0:
-                dk += tl.load(k_ptr, cache_modifier=".cg")
-                dv += tl.load(v_ptr, cache_modifier=".cg")
-            if seg < last:
-                tl.store(k_ptr, dk)
-                tl.store(v_ptr, dv)
-                _pass_turn(KVTURNb + j0 // BN1, rank)
+            _add_kv_in_turn(DKb, DVb, KVACCb, KVTURNb + j0 // BN1, offs_n, pos, kin, gqn, sgqd, gvn, sgvd,
+                            seg - first, seg == last, dk, dv, scale, DQK=DQK, DV=DV, F32=F32)
     if write:
         _store_rows(DKb, pos, gqn, sgqd, kin, dk * scale, W=DQK, MERGE=MERGE, F32=F32)
         _store_rows(DVb, pos, gvn, sgvd, kin, dv, W=DV, MERGE=MERGE, F32=F32)
@@ -688,6 +702,97 @@ def _bwd_queries(Qb, Kb, Vb, DOb, DQb, ACCb, TURNb, LSEb, DELb, qn, sqd, kn, skd
 
 
 @triton.jit
+def _kv_tile_band(dq, q, do, lse, delta, Kb, Vb, DKb, DVb, kn, skd, vn, svd, gqn, sgqd, gvn, sgvd, offs_m, i0,
+                  n_eff, qk_scale, scale, width, sl, sc, ss,
+                  BAND: tl.constexpr, OFF: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr,
+                  BN: tl.constexpr, F32: tl.constexpr):
+    """ORDERED_KV, the band part of a query tile that holds whole blocks: its keys are the tile's own rows and no
+    other tile sees them through the band, so their dK/dV are complete here and written (zeros without a band).
+    Summary cells are left out: their band pairs go with the summary part, whose dK/dV are added across tiles."""
+    for s in range(i0, i0 + BM, BN):
+        offs_n = s + tl.arange(0, BN)
+        own = (offs_n < n_eff) & ((offs_n % sl - ss < 0) | (offs_n % sl - ss >= sc))
+        dk = tl.zeros([BN, DQK], dtype=tl.float32)
+        dv = tl.zeros([BN, DV], dtype=tl.float32)
+        if BAND != BAND_NONE:
+            kT = _load_rows_t(Kb, offs_n, kn, skd, own, W=DQK)
+            vT = _load_rows_t(Vb, offs_n, vn, svd, own, W=DV)
+            qk = _dot(q, kT, tl.zeros([BM, BN], dtype=tl.float32), F32=F32)
+            ok = _band_allowed(offs_m[:, None], offs_n[None, :], width, BAND=BAND, OFF=OFF) & own[None, :]
+            p = tl.where(ok, tl.exp2(qk * qk_scale - lse[:, None]), 0.0)
+            dp = _dot(do, vT, tl.zeros([BM, BN], dtype=tl.float32), F32=F32)
+            ds = _cast(p * (dp - delta[:, None]), kT.dtype, F32=F32)
+            dq = _dot(ds, tl.trans(kT), dq, F32=F32)
+            dk = _dot(tl.trans(ds), q, dk, F32=F32)
+            dv = _dot(tl.trans(_cast(p, do.dtype, F32=F32)), do, dv, F32=F32)
+        _store_rows(DKb, offs_n, gqn, sgqd, own, dk * scale, W=DQK, MERGE=False, F32=F32)
+        _store_rows(DVb, offs_n, gvn, sgvd, own, dv, W=DV, MERGE=False, F32=F32)
+    return dq
+
+
+@triton.jit
+def _kv_tile_summary(dq, q, do, lse, delta, Kb, Vb, DKb, DVb, KVACCb, TURNb, kn, skd, vn, svd, gqn, sgqd, gvn, sgvd,
+                     offs_m, start, end, tile, rank, n_eff, t_total, qk_scale, scale, width, sl, sc, ss,
+                     BAND: tl.constexpr, OFF: tl.constexpr, SUMMARY: tl.constexpr, MASKED: tl.constexpr,
+                     DQK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr):
+    """ORDERED_KV, the summary part of a query tile over gathered key tiles [start, end), BN keys a step (a masked
+    step also takes the band pairs of summary cells in the tile's own blocks): dQ, and each key tile's dK/dV parts
+    added in turn (``_add_kv_in_turn``, rank: this tile's ticket, later tiles first); the tile holding the key
+    tile's first key adds last and writes. S and dP of every block are computed once: 5 products."""
+    for s in range(start, end, BN):
+        offs_n = s + tl.arange(0, BN)
+        pos, kin = _key_rows(offs_n, n_eff, t_total, sl, sc, ss, GATHER=True)
+        kT = _load_rows_t(Kb, pos, kn, skd, kin, W=DQK)
+        vT = _load_rows_t(Vb, pos, vn, svd, kin, W=DV)
+        qk = _dot(q, kT, tl.zeros([BM, BN], dtype=tl.float32), F32=F32)
+        p = tl.exp2(qk * qk_scale - lse[:, None])
+        if MASKED:
+            ok = offs_n[None, :] < _sum_count(offs_m, sl, sc, ss, SUMMARY=SUMMARY)[:, None]
+            if BAND != BAND_NONE:
+                ok = ok | _band_allowed(offs_m[:, None], pos[None, :], width, BAND=BAND, OFF=OFF)
+            p = tl.where(ok & kin[None, :], p, 0.0)
+        dp = _dot(do, vT, tl.zeros([BM, BN], dtype=tl.float32), F32=F32)
+        ds = _cast(p * (dp - delta[:, None]), kT.dtype, F32=F32)
+        dq = _dot(ds, tl.trans(kT), dq, F32=F32)
+        dk = _dot(tl.trans(ds), q, tl.zeros([BN, DQK], dtype=tl.float32), F32=F32)
+        dv = _dot(tl.trans(_cast(p, do.dtype, F32=F32)), do, tl.zeros([BN, DV], dtype=tl.float32), F32=F32)
+        last = tile == _sum_pos(s, sl, sc, ss) // BM
+        _add_kv_in_turn(DKb, DVb, KVACCb, TURNb + s // BN, offs_n, pos, kin, gqn, sgqd, gvn, sgvd, rank, last,
+                        dk, dv, scale, DQK=DQK, DV=DV, F32=F32)
+    return dq
+
+
+@triton.jit
+def _bwd_kv_tile(Qb, Kb, Vb, DOb, DQb, DKb, DVb, KVACCb, TURNb, LSEb, DELb, qn, sqd, kn, skd, vn, svd, don, sdod,
+                 gqn, sgqd, gvn, sgvd, tile, rank, n, n_eff, qk_scale, scale, width, sl, sc, ss,
+                 BAND: tl.constexpr, OFF: tl.constexpr, SUMMARY: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
+                 BM2: tl.constexpr, BN2: tl.constexpr, F32: tl.constexpr):
+    """ORDERED_KV role (summary launches whose query tiles hold whole blocks): every gradient of one query tile's
+    pairs, each block's S and dP computed once. dQ and the band keys' dK/dV are this program's alone; the summary
+    key tiles' dK/dV are added across the tiles that see them, in a fixed order (later tiles first)."""
+    i0 = tile * BM2
+    offs_m = i0 + tl.arange(0, BM2)
+    qin = offs_m < n_eff
+    q = _load_rows(Qb, offs_m, qn, sqd, qin, W=DQK)
+    do = _load_rows(DOb, offs_m, don, sdod, qin, W=DV)
+    lse, delta = _load_stats(LSEb, DELb, offs_m, 1, qin)
+    dq = tl.zeros([BM2, DQK], dtype=tl.float32)
+    dq = _kv_tile_band(dq, q, do, lse, delta, Kb, Vb, DKb, DVb, kn, skd, vn, svd, gqn, sgqd, gvn, sgvd, offs_m, i0,
+                       n_eff, qk_scale, scale, width, sl, sc, ss,
+                       BAND=BAND, OFF=OFF, DQK=DQK, DV=DV, BM=BM2, BN=BN2, F32=F32)
+    t_total = (n // sl) * sc + tl.minimum(tl.maximum(n % sl - ss, 0), sc)
+    t_full = (_sum_count(i0, sl, sc, ss, SUMMARY=SUMMARY) // BN2) * BN2  # seen by every query of the tile
+    t_hi = _sum_count(tl.minimum(i0 + BM2, n_eff) - 1, sl, sc, ss, SUMMARY=SUM_UPTO)  # cells up to the last row
+    dq = _kv_tile_summary(dq, q, do, lse, delta, Kb, Vb, DKb, DVb, KVACCb, TURNb, kn, skd, vn, svd, gqn, sgqd, gvn,
+                          sgvd, offs_m, 0, t_full, tile, rank, n_eff, t_total, qk_scale, scale, width, sl, sc, ss,
+                          BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, MASKED=False, DQK=DQK, DV=DV, BM=BM2, BN=BN2, F32=F32)
+    dq = _kv_tile_summary(dq, q, do, lse, delta, Kb, Vb, DKb, DVb, KVACCb, TURNb, kn, skd, vn, svd, gqn, sgqd, gvn,
+                          sgvd, offs_m, t_full, t_hi, tile, rank, n_eff, t_total, qk_scale, scale, width, sl, sc, ss,
+                          BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, MASKED=True, DQK=DQK, DV=DV, BM=BM2, BN=BN2, F32=F32)
+    _store_rows(DQb, offs_m, gqn, sgqd, qin, dq * scale, W=DQK, MERGE=False, F32=F32)
+
+
+@triton.jit
 def _bwd_role(slot, nkb, nks, nqb, BAND: tl.constexpr):
     """The role number (band key tiles ``[0, nkb)``, summary key tiles ``[nkb, nkb + nks)``, query tiles after)
     of a split launch's slot, longest work first: summary key tiles (the first sees every later query), then the
@@ -705,11 +810,11 @@ def _bwd_role(slot, nkb, nks, nqb, BAND: tl.constexpr):
 def _bwd_kernel(Q, K, V, DO, GRAD_Q, GRAD_K, GRAD_V, LSE, DELTA, HEADS, STARTS, ACC, KVACC, TURNS,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
                 sgqb, sgqh, sgqn, sgqd, sgvb, sgvh, sgvn, sgvd,
-                n, H, HL, BH, groups, qk_scale, scale, width, sl, sc, nks, nseg, seg_rows,
+                n, H, HL, BH, groups, qk_scale, scale, width, sl, sc, nks, nseg, seg_rows, kv_rows, turn_stride,
                 BAND: tl.constexpr, OFF: tl.constexpr, SUMMARY: tl.constexpr, MERGE: tl.constexpr,
                 DQK: tl.constexpr, DV: tl.constexpr, BM1: tl.constexpr, BN1: tl.constexpr, BM2: tl.constexpr,
                 BN2: tl.constexpr, FUSED: tl.constexpr, ONE_LOOP: tl.constexpr, ORDERED_DQ: tl.constexpr,
-                SEGMENTS: tl.constexpr, HEAD_GROUP: tl.constexpr, F32: tl.constexpr):
+                SEGMENTS: tl.constexpr, ORDERED_KV: tl.constexpr, HEAD_GROUP: tl.constexpr, F32: tl.constexpr):
     """dQ, dK, dV of one launch's parts; the program's slot picks the role (``_bwd_role``, longest work first).
     GRAD_Q and GRAD_K share one layout (strides sgq*), GRAD_V has its own (sgv*). ``nks``: summary key tiles of the
     head with the most summary cells (the host's count, so the roles line up across heads). ORDERED_DQ (summary
@@ -718,22 +823,29 @@ def _bwd_kernel(Q, K, V, DO, GRAD_Q, GRAD_K, GRAD_V, LSE, DELTA, HEADS, STARTS, 
     BM1 query rows, then one counter per summary key tile; zeroed by the host); programs take their role from a
     ticket: query tiles first, then summary key tiles in order, then band key tiles. SEGMENTS (with ORDERED_DQ):
     each summary key tile runs as ``nseg`` programs, one per segment of ``seg_rows`` query rows, whose dK/dV are
-    added in turn in KVACC (``[BH, nks · BN1, DQK + DV]`` float32)."""
+    added in turn in KVACC (``[BH, kv_rows, DQK + DV]`` float32). ORDERED_KV: one program per query tile
+    (``_bwd_kv_tile``), taking its tile by ticket (later tiles first); its summary key tiles' dK/dV go through KVACC
+    under one turn per BN2 summary keys. ``turn_stride``: the turn counters per (batch, head of the launch)."""
     tl.static_assert(not (FUSED and SUMMARY != SUM_NONE), "the fused role computes band-only launches")
     tl.static_assert(not ORDERED_DQ or (SUMMARY != SUM_NONE and not MERGE and not FUSED),
                      "ordered dQ is for summary launches in the natural layout")
     tl.static_assert(BAND != BAND_NONE or SUMMARY != SUM_NONE, "a launch computes at least one part")
     tl.static_assert(ORDERED_DQ or not SEGMENTS, "segments come with the ordered reduction")
+    tl.static_assert(not ORDERED_KV or (SUMMARY != SUM_NONE and not MERGE and not FUSED and not ORDERED_DQ),
+                     "ordered dK/dV is for summary launches in the natural layout")
     nkb = tl.cdiv(tl.cdiv(n, groups), BN1)
     nqb = tl.cdiv(tl.cdiv(n, groups), BM2)
-    pid_bh, slot = _program(BH, (nkb if FUSED else nkb + nks * nseg + nqb) * groups, HEAD_GROUP=HEAD_GROUP)
+    slots = nkb if FUSED else nkb + nks * nseg + nqb
+    if ORDERED_KV:
+        slots = nqb
+    pid_bh, slot = _program(BH, slots * groups, HEAD_GROUP=HEAD_GROUP)
     grp = slot % groups
     role = slot // groups
     seg = 0
     if not FUSED:
         role = _bwd_role(role, nkb, nks, nqb, BAND=BAND)
     n_eff = (n - grp + groups - 1) // groups
-    TURNb = TURNS + pid_bh * (tl.cdiv(n, BM1) + 1 + nks) + 1
+    TURNb = TURNS + pid_bh * turn_stride + 1
     if ORDERED_DQ:  # role by ticket: query tiles, then summary key tiles (segment by segment), then band key tiles
         ticket = tl.atomic_add(TURNb - 1, 1)
         p = ticket - nqb
@@ -760,8 +872,13 @@ def _bwd_kernel(Q, K, V, DO, GRAD_Q, GRAD_K, GRAD_V, LSE, DELTA, HEADS, STARTS, 
     gqn = sgqn * groups
     gvn = sgvn * groups
     ACCb = ACC + (b * H + h).to(tl.int64) * n * DQK  # the float32 buffer can pass 2^31 elements
-    KVACCb = KVACC + pid_bh.to(tl.int64) * nks * BN1 * (DQK + DV)
-    if FUSED:
+    KVACCb = KVACC + pid_bh.to(tl.int64) * kv_rows * (DQK + DV)
+    if ORDERED_KV:  # role by ticket: query tiles, later ones first; the ticket is the tile's rank in every chain
+        ticket = tl.atomic_add(TURNb - 1, 1)
+        _bwd_kv_tile(Qb, Kb, Vb, DOb, DQb, DKb, DVb, KVACCb, TURNb, LSEb, DELb, qn, sqd, kn, skd, vn, svd, don, sdod,
+                     gqn, sgqd, gvn, sgvd, nqb - 1 - ticket, ticket, n, n_eff, qk_scale, scale, width, sl, sc, ss,
+                     BAND=BAND, OFF=OFF, SUMMARY=SUMMARY, DQK=DQK, DV=DV, BM2=BM2, BN2=BN2, F32=F32)
+    elif FUSED:
         i0 = role * BN1
         if i0 < n_eff:
             _bwd_band_tile(Qb, Kb, Vb, DOb, DQb, DKb, DVb, LSEb, DELb, qn, sqd, kn, skd, vn, svd, don, sdod,

@@ -208,12 +208,37 @@ def test_segmented_ordered_dq_matches_reference(name, pattern, n, heads, batch, 
         check_against_reference(q, k, v, do, pattern)
 
 
+# ordered dK/dV (BwdTiles.ordered_kv): one program per query tile holding whole blocks, the summary key tiles' dK/dV
+# added across tiles in turn; tiles of one and of two blocks, a last tile cut short, key steps shorter than a block
+ORDERED_KV = [
+    ("fixed", Fixed(16, 4), 80, 2, 1, 32, 32, "fp16", BwdTiles(16, 16, 16, 16, stages=1, ordered_kv=True)),
+    ("fixed_per_head_batch2", Fixed(16, 6, (0, 1)), 90, 2, 2, 64, 32, "bf16",
+     BwdTiles(16, 16, 32, 16, stages=1, ordered_kv=True)),
+    ("summary_upto", FixedSummary(16, 5), 75, 2, 1, 32, 32, "fp32", BwdTiles(16, 16, 32, 16, stages=1, ordered_kv=True)),
+    ("headsplit_fixed_strided", HeadSplit((Fixed(32, 4, (0, 1)), Strided(8))), 64, 4, 1, 32, 64, "fp32",
+     BwdTiles(16, 16, 32, 16, stages=1, ordered_kv=True)),
+]
+
+
 @in_child
-@pytest.mark.parametrize("segment", [0, 16], ids=["whole", "segments"])
-def test_ordered_dq_is_deterministic(segment):
+@pytest.mark.parametrize("name,pattern,n,heads,batch,d_qk,d_v,dtype,bwd", ORDERED_KV, ids=[c[0] for c in ORDERED_KV])
+def test_ordered_kv_matches_reference(name, pattern, n, heads, batch, d_qk, d_v, dtype, bwd):
+    q, k, v, do = _inputs(batch, heads, n, d_qk, DTYPES[dtype], seed=zlib.crc32(f"kv-{name}".encode()), d_v=d_v)
+    with tile_override(fwd=FwdTiles(16, 16, stages=1), bwd=bwd):
+        check_against_reference(q, k, v, do, pattern)
+
+
+@in_child
+@pytest.mark.parametrize(
+    "tiles",
+    [BwdTiles(16, 16, 16, 16, stages=1, ordered_dq=True), BwdTiles(16, 16, 16, 16, stages=1, ordered_dq=True, segment=16),
+     BwdTiles(16, 16, 16, 16, stages=1, ordered_kv=True)],
+    ids=["ordered_dq", "segments", "ordered_kv"],
+)
+def test_ordered_backwards_are_deterministic(tiles):
     q, k, v, do = _inputs(1, 2, 64, 32, torch.float16, seed=11)
     grads = []
-    with tile_override(bwd=BwdTiles(16, 16, 16, 16, stages=1, ordered_dq=True, segment=segment)):
+    with tile_override(bwd=tiles):
         for _ in range(2):
             qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
             sparse_attention(qq, kk, vv, Fixed(16, 4, (0, 1)), backend="triton").backward(do)
@@ -378,13 +403,19 @@ def test_ordered_dq_only_for_summary_launches():
         assert _config("bwd", fixed, 64, 64, torch.bfloat16, 4096).segment == 1024
         assert _config("bwd", fixed, 64, 64, torch.bfloat16, 1000).segment == 0  # one segment would hold every row
         assert _config("bwd", local, 64, 64, torch.bfloat16, 4096).segment == 0
+    with tile_override(bwd=BwdTiles(32, 64, 128, 64, ordered_kv=True)):
+        assert _config("bwd", fixed, 64, 64, torch.bfloat16, 4096).ordered_kv  # 128-row tiles hold whole blocks
+        assert not _config("bwd", local, 64, 64, torch.bfloat16, 4096).ordered_kv
+        (fixed96,) = launch_plan(Fixed(96, 24), 2)
+        assert not _config("bwd", fixed96, 64, 64, torch.bfloat16, 4096).ordered_kv  # a tile would split blocks
 
 
 @in_parent
 @pytest.mark.parametrize(
     "kwargs,rule",
     [({"segment": 48}, "multiple of bm1=32"), ({"segment": -32}, "multiple of bm1=32"),
-     ({"segment": 64, "ordered_dq": False}, "needs ordered_dq=True")],
+     ({"segment": 64, "ordered_dq": False}, "needs ordered_dq=True"),
+     ({"ordered_kv": True}, "two designs of the same backward")],
 )
 def test_segment_rules(kwargs, rule):
     with pytest.raises(ValueError, match=rule):

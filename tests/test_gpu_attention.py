@@ -163,14 +163,16 @@ def test_both_backward_programs(fused):
         check(1, 2, 4096, (32, 128), torch.bfloat16, Local(256))
 
 
-@pytest.mark.parametrize("segment", [0, 1024], ids=["whole", "segments"])
-def test_ordered_dq_backward(segment):
-    """The fixed pattern's backward with the summary part's dQ added in turn (BwdTiles.ordered_dq), whole summary
-    key tiles or split into segments of 1,024 query rows (BwdTiles.segment): against the reference at the Enwik8
-    shape and a long one, and bit-identical twice."""
-    from lightning_sparse.kernels.tiles import ordered_dq_tiles
+@pytest.mark.parametrize("design,segment", [("dq", 0), ("dq", 1024), ("kv", 0)],
+                         ids=["ordered_dq", "segments", "ordered_kv"])
+def test_ordered_backwards(design, segment):
+    """The fixed pattern's 5-product backwards: the summary part's dQ added in turn (BwdTiles.ordered_dq), whole
+    summary key tiles or split into segments of 1,024 query rows (BwdTiles.segment), or the summary keys' dK/dV added
+    in turn by query tiles (BwdTiles.ordered_kv): against the reference at the Enwik8 shape and a long one, and
+    bit-identical twice."""
+    from lightning_sparse.kernels.tiles import ordered_tiles
 
-    with ordered_dq_tiles(segment):
+    with ordered_tiles(design, segment):
         check(2, 8, 12288, 64, torch.bfloat16, Fixed(128, 32, (0, 1, 2, 3)))
         check(1, 2, 65536, 64, torch.bfloat16, Fixed(256, 64))
         check(2, 4, 4096, 32, torch.float16, Fixed(128, 32, (0, 1)))
