@@ -174,18 +174,6 @@ ORDERED_TILES = [
 ]
 
 
-@in_child
-@pytest.mark.parametrize(
-    "name,pattern,n,heads,batch,d_qk,d_v,dtype,bwd",
-    [(*c, ORDERED_TILES[i % 2]) for i, c in enumerate(ORDERED)],
-    ids=[c[0] for c in ORDERED],
-)
-def test_ordered_dq_matches_reference(name, pattern, n, heads, batch, d_qk, d_v, dtype, bwd):
-    q, k, v, do = _inputs(batch, heads, n, d_qk, DTYPES[dtype], seed=zlib.crc32(f"ordered-{name}".encode()), d_v=d_v)
-    with tile_override(fwd=FwdTiles(16, 16, stages=1), bwd=bwd):
-        check_against_reference(q, k, v, do, pattern)
-
-
 # segments (BwdTiles.segment): a summary key tile's queries split into programs of `segment` rows, their dK/dV added
 # in turn; segments shorter and longer than a summary block, a key tile whose first queries fall mid-segment, a head
 # with fewer summary cells than the grid's widest, and a HeadSplit whose strided group has no summary launch
@@ -200,14 +188,6 @@ SEGMENTED = [
 ]
 
 
-@in_child
-@pytest.mark.parametrize("name,pattern,n,heads,batch,d_qk,d_v,dtype,bwd", SEGMENTED, ids=[c[0] for c in SEGMENTED])
-def test_segmented_ordered_dq_matches_reference(name, pattern, n, heads, batch, d_qk, d_v, dtype, bwd):
-    q, k, v, do = _inputs(batch, heads, n, d_qk, DTYPES[dtype], seed=zlib.crc32(f"segment-{name}".encode()), d_v=d_v)
-    with tile_override(fwd=FwdTiles(16, 16, stages=1), bwd=bwd):
-        check_against_reference(q, k, v, do, pattern)
-
-
 # ordered dK/dV (BwdTiles.ordered_kv): one program per query tile holding whole blocks, the summary key tiles' dK/dV
 # added across tiles in turn; tiles of one and of two blocks, a last tile cut short, key steps shorter than a block
 ORDERED_KV = [
@@ -220,10 +200,21 @@ ORDERED_KV = [
 ]
 
 
+FIVE_PRODUCT = [
+    *(("ordered", *c, ORDERED_TILES[i % 2]) for i, c in enumerate(ORDERED)),
+    *(("segment", *c) for c in SEGMENTED),
+    *(("kv", *c) for c in ORDERED_KV),
+]
+
+
 @in_child
-@pytest.mark.parametrize("name,pattern,n,heads,batch,d_qk,d_v,dtype,bwd", ORDERED_KV, ids=[c[0] for c in ORDERED_KV])
-def test_ordered_kv_matches_reference(name, pattern, n, heads, batch, d_qk, d_v, dtype, bwd):
-    q, k, v, do = _inputs(batch, heads, n, d_qk, DTYPES[dtype], seed=zlib.crc32(f"kv-{name}".encode()), d_v=d_v)
+@pytest.mark.parametrize(
+    "design,name,pattern,n,heads,batch,d_qk,d_v,dtype,bwd", FIVE_PRODUCT, ids=[f"{c[0]}-{c[1]}" for c in FIVE_PRODUCT]
+)
+def test_five_product_backwards_match_reference(design, name, pattern, n, heads, batch, d_qk, d_v, dtype, bwd):
+    """The fixed pattern's 5-product backwards (ordered dQ, with segments, ordered dK/dV) against the reference."""
+    seed = zlib.crc32(f"{design}-{name}".encode())
+    q, k, v, do = _inputs(batch, heads, n, d_qk, DTYPES[dtype], seed=seed, d_v=d_v)
     with tile_override(fwd=FwdTiles(16, 16, stages=1), bwd=bwd):
         check_against_reference(q, k, v, do, pattern)
 
