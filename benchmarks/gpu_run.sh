@@ -8,7 +8,7 @@
 #   fit-test          whole `fit` + `validate` of the Enwik8 and CIFAR-10 configs (shrunk) with CUDA graphs
 #   train-step        sparse against dense, CUDA graphs: CIFAR-10, Enwik8, ImageNet 64, audio 65,536 (one run)
 #   ordered-ab        the 5-product backwards: the Enwik8 step with ordered dK/dV and with ordered dQ (segments of
-#                     1,024 rows) against the default, then the attention rows timed from CUDA graphs
+#                     1,024 rows) against the default, then the attention rows (Enwik8 shape, n = 16,384) from CUDA graphs
 #   sweep-enwik8      tile sweep of the Enwik8 shape (the candidates include both 5-product designs), CUDA graphs
 #   train-long        audio 262,144 and 1,048,576, sparse with CUDA graphs (and dense 262,144 where it fits)
 #   attention-graphs  the paper shapes timed from captured CUDA graphs (kernel time, no host time), no Flex
@@ -50,8 +50,8 @@ ordered-ab)
         sparse-cudagraphs,sparse-cudagraphs+ordered-kv,sparse-cudagraphs+ordered-dq --segment 1024 --top-kernels 3 \
         --out /tmp/ts_ordered
     for design in "" --ordered-kv "--ordered-dq --segment 1024"; do
-        run "attention_enwik8${design// /_}" 60 python3 benchmarks/attention.py --paper-shapes enwik8 \
-            --paper-shapes-only --no-flex --cuda-graphs $design
+        run "attention_fixed${design// /_}" 90 python3 benchmarks/attention.py --paper-shapes enwik8 --ns 16384 \
+            --scaling-ns "" --no-flex --cuda-graphs $design
     done ;;
 sweep-enwik8)
     run sweep_enwik8 560 python3 benchmarks/attention.py --sweep --paper-shapes enwik8 --paper-shapes-only --no-flex \
