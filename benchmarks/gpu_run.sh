@@ -22,6 +22,11 @@
 set -euo pipefail
 step=${1:?usage: bash benchmarks/gpu_run.sh STEP [OUT] (steps are listed at the top of this file)}
 out=${2:-benchmarks/results/gpu_run}
+steps=" fit-test train-step ordered-ab sweep-enwik8 train-long attention-graphs attention sweep-w32 suite-kernels suite-rest "
+if [[ $steps != *" $step "* ]]; then
+    echo "unknown step '$step'; the steps are:$steps(see the top of benchmarks/gpu_run.sh)" >&2
+    exit 2
+fi
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -72,7 +77,4 @@ suite-kernels)
 suite-rest)
     run suite_rest 570 python3 -m pytest -m gpu -q --ignore=tests/test_gpu_attention.py \
         --ignore=tests/test_gpu_fit_cudagraphs.py --ignore=tests/test_gpu_multi.py ;;
-*)
-    echo "unknown step '$step': see the list at the top of benchmarks/gpu_run.sh" >&2
-    exit 2 ;;
 esac
