@@ -117,8 +117,8 @@ def build(config: dict, variant: str, smoke: bool) -> Any:
     args = model_args(config, smoke)
     variant = base_variant(variant)  # the tiles, not the model, differ
     args["compile"] = variant.endswith(("-compiled", "-cudagraphs"))
-    if variant.endswith("-cudagraphs"):
-        args["compile_mode"] = "reduce-overhead"
+    # the variant, not the config, picks the mode: -compiled is the default mode, -cudagraphs "reduce-overhead"
+    args["compile_mode"] = "reduce-overhead" if variant.endswith("-cudagraphs") else None
     path = config["model"]["class_path"]
     module = instantiate({"class_path": path, "init_args": args})
     if variant.startswith("dense"):
