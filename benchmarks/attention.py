@@ -17,7 +17,7 @@ prints them as ``tiles.DEFAULTS`` entries. ``--ordered-dq`` / ``--ordered-kv`` r
 with one of the experimental 5-product designs (``BwdTiles.ordered_dq``, with ``--segment ROWS`` splitting the
 summary key tiles' queries; ``BwdTiles.ordered_kv``) for an A/B against the default. ``--cuda-graphs``
 times replays of captured CUDA graphs instead of eager calls (kernel time only: at the Enwik8 shape one eager
-forward+backward costs about as much host time as GPU time); written in session 6, not yet run on a GPU.
+forward+backward costs about as much host time as GPU time).
 """
 
 from __future__ import annotations
