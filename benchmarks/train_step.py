@@ -105,17 +105,18 @@ def model_args(config: dict, smoke: bool) -> dict:
     return args
 
 
-def base_variant(variant: str) -> str:
-    """The variant without a ``+ordered-*`` tile suffix."""
+def split_variant(variant: str) -> tuple[str, str | None]:
+    """(the variant without a ``+ordered-*`` tile suffix, the suffix's design "dq" / "kv" or None)."""
     for suffix in ORDERED:
-        variant = variant.removesuffix(suffix)
-    return variant
+        if variant.endswith(suffix):
+            return variant.removesuffix(suffix), suffix.removeprefix("+ordered-")
+    return variant, None
 
 
 def build(config: dict, variant: str, smoke: bool) -> Any:
     """The config's LightningModule for ``variant`` (dense: ``Dense()`` on sdpa, same position embeddings)."""
     args = model_args(config, smoke)
-    variant = base_variant(variant)  # the tiles, not the model, differ
+    variant, _ = split_variant(variant)  # the tiles, not the model, differ
     args["compile"] = variant.endswith(("-compiled", "-cudagraphs"))
     # the variant, not the config, picks the mode: -compiled is the default mode, -cudagraphs "reduce-overhead"
     args["compile_mode"] = "reduce-overhead" if variant.endswith("-cudagraphs") else None
@@ -180,7 +181,7 @@ def measure(name: str, config: dict, variant: str, args: argparse.Namespace, dev
     precision = str(trainer_cfg.get("precision", "32-true"))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16") and cuda)
     clip = trainer_cfg.get("gradient_clip_val")
-    compiled = base_variant(variant).endswith(("-compiled", "-cudagraphs"))
+    compiled = split_variant(variant)[0].endswith(("-compiled", "-cudagraphs"))
     torch._dynamo.reset()
     module = build(config, variant, args.smoke)
     with torch.device(device):
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.out = ROOT / "benchmarks" / "results" / f"train_step_{'-'.join(names)}{'_smoke' if args.smoke else ''}"
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
-        base = base_variant(v)
+        base, _ = split_variant(v)
         if base not in VARIANTS + CUDA_GRAPH_VARIANTS or (base != v and not base.startswith("sparse")):
             raise SystemExit(f"--variants: {v!r} is not one of {', '.join(VARIANTS + CUDA_GRAPH_VARIANTS)}, or a "
                              f"sparse one with a suffix {' or '.join(ORDERED)}")
@@ -368,7 +369,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                        "skipped": f"skipped: dense attention alone ≈ {estimate:.0f} s/step (> --dense-limit-s)"}
             else:
                 try:
-                    design = variant[len(base_variant(variant)) + len("+ordered-"):]
+                    _, design = split_variant(variant)
                     with ordered_tiles(design, args.segment) if design else contextlib.nullcontext():
                         row = measure(name, config, variant, args, device)
                 except torch.OutOfMemoryError:

@@ -98,13 +98,13 @@ def _config(kind: str, launch: Launch, d_qk: int, d_v: int, dtype: torch.dtype, 
         fused = tiles.fused and launch.summary == SUM_NONE
         if fused:  # one program per tile of bn1 rows; its loops step by tiles that divide bn1
             tiles = replace(tiles, bm1=min(tiles.bm1, tiles.bn1), bm2=tiles.bn1, bn2=min(tiles.bn2, tiles.bn1))
-        ordered = tiles.ordered_dq and launch.summary != SUM_NONE and not launch.merge
+        summary_first = launch.summary != SUM_NONE and not launch.merge  # where the 5-product designs apply
+        ordered = tiles.ordered_dq and summary_first
         if ordered:  # a query tile holds whole chunks of bm1 rows
             tiles = replace(tiles, bm2=max(tiles.bm2, tiles.bm1))
         segment = tiles.segment if ordered and tiles.segment < _rounded(n_eff, tiles.bm1) else 0
         # ordered dK/dV: query tiles must hold whole blocks (a band key is then seen by its own tile only)
-        kv = (tiles.ordered_kv and launch.summary != SUM_NONE and not launch.merge
-              and tiles.bm2 % launch.summary_stride == 0)
+        kv = tiles.ordered_kv and summary_first and tiles.bm2 % launch.summary_stride == 0
         tiles = replace(tiles, fused=fused, ordered_dq=ordered, segment=segment, ordered_kv=kv)
     return tiles
 
@@ -222,13 +222,13 @@ def _backward(
         # segments of a summary key tile's queries (one program each); one segment of all rows without
         seg_rows = t.segment or _rounded(n_eff, t.bm1)
         nseg = -(-_rounded(n_eff, t.bm1) // seg_rows)
-        nqb = -(-n_eff // t.bm2)
+        nkb, nqb = -(-n_eff // t.bn1), -(-n_eff // t.bm2)
         if t.ordered_kv:
             programs = nqb
         elif t.fused:
-            programs = -(-n_eff // t.bn1)
+            programs = nkb
         else:
-            programs = -(-n_eff // t.bn1) + nks * nseg + nqb
+            programs = nkb + nks * nseg + nqb
         bh = b * len(launch.heads)
         # the ordered reductions' float32 partial sums and, per (batch, head), a ticket and the turn counters: one per
         # bm1 query rows and one per summary key tile (ordered dQ), or one per bn2 summary keys (ordered dK/dV)
