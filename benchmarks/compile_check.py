@@ -74,6 +74,8 @@ def main(argv=None) -> None:
     ap.add_argument("--segment", type=int, default=0, help="with --ordered-dq: query rows per summary key program")
     ap.add_argument("--ordered-kv", action="store_true", help="fixed backward with the ordered dK/dV reduction")
     args = ap.parse_args(argv)
+    if args.ordered_dq and args.ordered_kv:
+        ap.error("--ordered-dq and --ordered-kv are two designs of the same backward: pick one.")
     design = "dq" if args.ordered_dq else "kv" if args.ordered_kv else None
     with ordered_tiles(design, args.segment) if design else contextlib.nullcontext():
         _report(args)
