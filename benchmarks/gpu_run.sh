@@ -16,13 +16,15 @@
 #   sweep-w32         tile sweep of the head-width-32 paper shapes (ImageNet 64, audio 65,536)
 #   suite-kernels     the kernels' GPU tests (tests/test_gpu_attention.py)
 #   suite-rest        the other GPU tests (training, sampling)
+#   ncu-fixed         Nsight Compute of the fixed pattern's backward (default, ordered dK/dV) and forward, Enwik8 shape
 #
 # On a machine without network, wheels of what it lacks (e.g. jsonargparse, docstring-parser, typeshed-client for
 # the CLI) placed in .whl/ are installed into /tmp/site first.
 set -euo pipefail
 step=${1:?usage: bash benchmarks/gpu_run.sh STEP [OUT] (steps are listed at the top of this file)}
 out=${2:-benchmarks/results/gpu_run}
-steps=" fit-test train-step ordered-ab sweep-enwik8 train-long attention-graphs attention sweep-w32 suite-kernels suite-rest "
+steps=" fit-test train-step ordered-ab sweep-enwik8 train-long attention-graphs attention sweep-w32 suite-kernels suite-rest
+    ncu-fixed "
 if [[ $steps != *" $step "* ]]; then
     echo "unknown step '$step'; the steps are:$steps(see the top of benchmarks/gpu_run.sh)" >&2
     exit 2
@@ -77,4 +79,14 @@ suite-kernels)
 suite-rest)
     run suite_rest 570 python3 -m pytest -m gpu -q --ignore=tests/test_gpu_attention.py \
         --ignore=tests/test_gpu_fit_cudagraphs.py --ignore=tests/test_gpu_multi.py ;;
+ncu-fixed)
+    ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+    sections="--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis
+        --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats"
+    for design in "" kv; do
+        run "ncu_bwd${design:+_$design}" 150 "$ncu" --kernel-name _bwd_kernel --launch-skip 1 --launch-count 1 \
+            $sections python3 benchmarks/ncu_fixed.py ${design:+--design $design}
+    done
+    run ncu_fwd 150 "$ncu" --kernel-name _fwd_kernel --launch-skip 1 --launch-count 1 $sections \
+        python3 benchmarks/ncu_fixed.py ;;
 esac
