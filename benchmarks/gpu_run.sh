@@ -51,7 +51,7 @@ fit-test)
     run fit_test 540 python3 -m pytest -m gpu tests/test_gpu_fit_cudagraphs.py -q -s -x ;;
 train-step)
     run train_step 560 python3 benchmarks/train_step.py --configs cifar10,enwik8,imagenet64,audio_65k \
-        --variants sparse-cudagraphs,dense-cudagraphs --top-kernels 6 --out "$out/train_step" ;;
+        --variants sparse-cudagraphs,dense-cudagraphs --top-kernels 6 --gaps 6 --out "$out/train_step" ;;
 ordered-ab)
     run train_step_ordered 240 python3 benchmarks/train_step.py --configs enwik8 --variants \
         sparse-cudagraphs,sparse-cudagraphs+ordered-kv,sparse-cudagraphs+ordered-dq --segment 1024 --top-kernels 3 \

@@ -1,7 +1,8 @@
 """What the GPU did during a profiled region (torch.profiler): busy time and the kernels that took it.
 
 Shared by ``train_step.py`` and ``sampling.py``: ``busy_fraction`` is the union of kernel/memcpy/memset intervals,
-``top_kernels`` the kernels grouped by name with their summed GPU time, so a table says where a step goes.
+``top_kernels`` the kernels grouped by name with their summed GPU time, so a table says where a step goes;
+``idle_gaps`` where the GPU waited (for the host) and between which kernels.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["busy_fraction", "device_events", "top_kernels"]
+__all__ = ["busy_fraction", "device_events", "idle_gaps", "top_kernels"]
 
 
 def device_events(prof: Any) -> list[tuple[str, float, float]]:
@@ -55,4 +56,23 @@ def top_kernels(prof: Any, count: int = 15, per: int = 1) -> str:
     for name, us in sorted(total.items(), key=lambda kv: -kv[1])[:count]:
         lines.append(f"| {name[:90]} | {us / per / 1e3:.3f} | {calls[name] / per:.0f} | {100 * us / whole:.1f}% |")
     lines.append(f"| (all {len(total)} names) | {whole / per / 1e3:.3f} | {sum(calls.values()) / per:.0f} | 100% |")
+    return "\n".join(lines)
+
+
+def idle_gaps(prof: Any, count: int = 10) -> str:
+    """The ``count`` longest stretches of a profiled region in which the GPU ran nothing, as a Markdown table with
+    the activity before and after each (the host was late there), and the total idle time."""
+    events = sorted(device_events(prof), key=lambda e: e[1])
+    if not events:
+        return "(no GPU activity profiled)"
+    gaps, last_name, last_end = [], events[0][0], events[0][2]
+    for name, s, e in events[1:]:
+        if s > last_end:
+            gaps.append((s - last_end, last_name, name))
+        if e >= last_end:
+            last_name, last_end = name, e
+    lines = [f"| idle µs | after | before |  ({len(gaps)} gaps, {sum(g[0] for g in gaps) / 1e3:.3f} ms idle, "
+             f"{(last_end - events[0][1]) / 1e3:.3f} ms first to last activity)", "|---|---|---|"]
+    for us, before, after in sorted(gaps, reverse=True)[:count]:
+        lines.append(f"| {us:.0f} | {before[:60]} | {after[:60]} |")
     return "\n".join(lines)

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from profiling import busy_fraction, top_kernels  # benchmarks/profiling.py
+from profiling import busy_fraction, idle_gaps, top_kernels  # benchmarks/profiling.py
 
 from lightning_sparse.atomic import atomic_write
 from lightning_sparse.kernels import Dense, FixedBlock, FixedSummary, Interleaved, Local, Pattern, StridedColumns
@@ -231,6 +231,8 @@ def measure(name: str, config: dict, variant: str, args: argparse.Namespace, dev
             busy_s, kernels = busy_fraction(prof)
             if args.top_kernels:
                 print(f"\n{name} {variant}: GPU kernels of one step\n{top_kernels(prof, args.top_kernels)}\n", flush=True)
+            if args.gaps:
+                print(f"\n{name} {variant}: where the GPU idled in one step\n{idle_gaps(prof, args.gaps)}\n", flush=True)
             busy = None if busy_s is None else min(1.0, busy_s / step_s)
         except Exception:  # keep the timing row; the busy column stays empty
             traceback.print_exc()
@@ -318,6 +320,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              f"{DENSE_TFLOPS_ESTIMATE / 1e12:.0f} TFLOP/s)")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled step (no GPU-busy column)")
     parser.add_argument("--top-kernels", type=int, default=0, help="print the N kernels with most GPU time per step")
+    parser.add_argument("--gaps", type=int, default=0, help="print the N longest GPU idle gaps of the profiled step")
     parser.add_argument("--out", type=Path, default=None,
                         help="writes OUT.json and OUT.md after every row (default: "
                              "benchmarks/results/train_step_<configs>)")
