@@ -9,9 +9,9 @@ outside it. Pure Python: no triton import.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, replace
 
 import torch
@@ -144,7 +144,10 @@ class _Override:
         return self.fwd if kind == "fwd" else self.bwd
 
 
-_OVERRIDES: ContextVar[tuple[_Override, ...]] = ContextVar("lightning_sparse_tile_overrides", default=())
+# Process-wide, not a ContextVar: autograd runs a CUDA backward on its own device thread, which must see the override
+# its forward ran under (a ContextVar set on the caller's thread is invisible there).
+_OVERRIDES: list[_Override] = []
+_OVERRIDES_LOCK = threading.Lock()
 
 
 @contextmanager
@@ -156,21 +159,27 @@ def tile_override(
     widths: tuple[int, int] | None = None,
 ) -> Iterator[None]:
     """Use these tiles (for every dtype) inside the ``with`` block, for launches of ``layout`` (None: all) and
-    head widths ``widths = (d_qk, d_v)`` (None: all). Nested overrides: the innermost that matches wins."""
+    head widths ``widths = (d_qk, d_v)`` (None: all). Nested overrides: the innermost that matches wins. The override
+    holds for every thread of the process while the block runs (backward passes run on autograd's threads)."""
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS} or None, got {layout!r}.")
     if not isinstance(fwd, (FwdTiles, type(None))) or not isinstance(bwd, (BwdTiles, type(None))):
         raise ValueError(f"tile_override takes fwd=FwdTiles(...) and bwd=BwdTiles(...), got {fwd!r}, {bwd!r}.")
-    token = _OVERRIDES.set((*_OVERRIDES.get(), _Override(fwd, bwd, layout, None if widths is None else tuple(widths))))
+    entry = _Override(fwd, bwd, layout, None if widths is None else tuple(widths))
+    with _OVERRIDES_LOCK:
+        _OVERRIDES.append(entry)
     try:
         yield
     finally:
-        _OVERRIDES.reset(token)
+        with _OVERRIDES_LOCK:  # this entry, by identity (an equal one may be nested inside or around it)
+            del _OVERRIDES[max(i for i, o in enumerate(_OVERRIDES) if o is entry)]
 
 
 def select_tiles(kind: str, layout: str, d_qk: int, d_v: int, dtype: torch.dtype) -> FwdTiles | BwdTiles:
     """The tiles of a ``kind`` ("fwd" or "bwd") launch: the innermost matching override, else the defaults."""
-    for override in reversed(_OVERRIDES.get()):
+    with _OVERRIDES_LOCK:
+        overrides = tuple(_OVERRIDES)
+    for override in reversed(overrides):
         tiles = override.applies(kind, layout, d_qk, d_v)
         if tiles is not None:
             return tiles

@@ -377,6 +377,32 @@ def test_tile_override_is_scoped_and_innermost_wins():
 
 
 @in_parent
+def test_tile_override_reaches_autograd_threads():
+    """Autograd runs a CUDA backward on its own device thread: an override entered on the caller's thread must hold
+    there too (as a ContextVar it did not, and every GPU backward A/B silently timed the default tiles)."""
+    import threading
+
+    from lightning_sparse.kernels.tiles import DEFAULTS, select_tiles
+
+    tiles = BwdTiles(32, 128, 128, 64, warps=8, stages=3, maxnreg=128, ordered_kv=True)
+    seen = []
+
+    def backward_thread():
+        seen.append(select_tiles("bwd", "natural", 64, 64, torch.bfloat16))
+
+    with tile_override(bwd=tiles, layout="natural"):
+        with tile_override(bwd=tiles, layout="natural"):  # an equal override nested inside: each leaves its own
+            pass
+        worker = threading.Thread(target=backward_thread)
+        worker.start()
+        worker.join()
+        assert select_tiles("bwd", "natural", 64, 64, torch.bfloat16) == tiles
+    worker = threading.Thread(target=backward_thread)
+    worker.start()
+    worker.join()
+    assert seen == [tiles, DEFAULTS[("bwd", "natural", 64, 64)]]
+
+@in_parent
 def test_ordered_dq_only_for_summary_launches():
     from lightning_sparse.kernels.launch_plan import launch_plan
     from lightning_sparse.kernels.triton_backend import _config
