@@ -334,6 +334,10 @@ SWEEP = {
     ("bwd", "natural", 64): [B_(32, 128, 128, 32, 8, 3, 128), B_(32, 128, 128, 64, 8, 4, 128),
                              B_(64, 128, 128, 64, 8, 3, 0), B_(32, 64, 128, 64, 4, 3, 168),
                              B_(64, 64, 64, 64, 4, 3, 0),
+                             # 3 programs of 4 warps per SM (ncu, session 8: 2 of 8 warps, bound by registers and
+                             # shared memory, leave every other issue slot without a ready warp)
+                             B_(32, 64, 64, 64, 4, 2, 168), B_(32, 64, 128, 64, 4, 2, 168),
+                             B_(32, 64, 128, 32, 4, 2, 168, ordered_kv=True),
                              B_(32, 128, 128, 64, 8, 3, 128, ordered_dq=True),
                              B_(32, 128, 128, 64, 8, 3, 128, ordered_dq=True, segment=2048),
                              B_(32, 128, 128, 64, 8, 3, 128, ordered_dq=True, segment=1024),
