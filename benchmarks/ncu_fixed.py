@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels import Fixed, sparse_attention  # noqa: E402
-from kernels.tiles import ordered_tiles  # noqa: E402
+from lightning_sparse.kernels import Fixed, sparse_attention
+from lightning_sparse.kernels.tiles import ordered_tiles
 
 
 def main() -> None:
