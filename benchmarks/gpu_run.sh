@@ -12,7 +12,8 @@
 #   sweep-enwik8      tile sweep of the Enwik8 shape (the candidates include both 5-product designs), CUDA graphs
 #   train-long        audio 262,144 and 1,048,576, sparse with CUDA graphs (and dense 262,144 where it fits)
 #   attention-graphs  the paper shapes timed from captured CUDA graphs (kernel time, no host time), no Flex
-#   attention         benchmarks/attention.py as the README reports it: paper shapes and targets, SDPA and Flex
+#   attention         benchmarks/attention.py's main table (issue 9's d=64 targets), SDPA and Flex
+#   attention-paper   the paper configs' shapes, SDPA and Flex (Flex compiles ≈ 6 min of it on an H100)
 #   sweep-w32         tile sweep of the head-width-32 paper shapes (ImageNet 64, audio 65,536)
 #   suite-kernels     the kernels' GPU tests (tests/test_gpu_attention.py)
 #   suite-rest        the other GPU tests (training, sampling)
@@ -23,7 +24,7 @@
 set -euo pipefail
 step=${1:?usage: bash benchmarks/gpu_run.sh STEP [OUT] (steps are listed at the top of this file)}
 out=${2:-benchmarks/results/gpu_run}
-steps=" fit-test train-step ordered-ab sweep-enwik8 train-long attention-graphs attention sweep-w32 suite-kernels suite-rest
+steps=" fit-test train-step ordered-ab sweep-enwik8 train-long attention-graphs attention attention-paper sweep-w32 suite-kernels suite-rest
     ncu-fixed "
 if [[ $steps != *" $step "* ]]; then
     echo "unknown step '$step'; the steps are:$steps(see the top of benchmarks/gpu_run.sh)" >&2
@@ -69,8 +70,10 @@ train-long)
 attention-graphs)
     run attention_graphs 560 python3 benchmarks/attention.py --paper-shapes-only --no-flex --cuda-graphs \
         --json "$out/attention_graphs.json" ;;
-attention)
-    run attention 580 python3 benchmarks/attention.py --json "$out/attention.json" ;;
+attention)  # the whole script in one run passed 10 minutes on an H100 (Flex compiling): two steps
+    run attention 580 python3 benchmarks/attention.py --paper-shapes "" --json "$out/attention.json" ;;
+attention-paper)
+    run attention_paper 580 python3 benchmarks/attention.py --paper-shapes-only --json "$out/attention_paper.json" ;;
 sweep-w32)
     run sweep_w32 560 python3 benchmarks/attention.py --sweep --paper-shapes-only --paper-shapes imagenet64,audio65k \
         --no-flex --json "$out/sweep_w32.json" ;;
