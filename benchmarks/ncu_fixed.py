@@ -1,7 +1,8 @@
 """The fixed pattern's forward and backward at the Enwik8 shape, run for Nsight Compute (``ncu``) to profile.
 
 Runs forward+backward ``--reps`` times (the first compiles), so ``ncu --kernel-name _bwd_kernel --launch-skip 1
---launch-count 1`` sees one warm launch. ``--design kv|dq`` picks a 5-product backward (``kernels.tiles.ordered_tiles``)::
+--launch-count 1`` sees one warm launch. ``--design kv|dq`` picks a 5-product backward
+(``lightning_sparse.kernels.tiles.ordered_tiles``)::
 
     ncu --kernel-name _bwd_kernel --launch-skip 1 --launch-count 1 --section SpeedOfLight \\
         --section WarpStateStats --section MemoryWorkloadAnalysis python benchmarks/ncu_fixed.py
