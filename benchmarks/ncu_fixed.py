@@ -29,6 +29,9 @@ def main() -> None:
     ap.add_argument("--design", choices=("", "kv", "dq"), default="", help="5-product backward ('' = 7 products)")
     ap.add_argument("--segment", type=int, default=1024, help="rows per ordered-dQ segment")
     args = ap.parse_args()
+    for name in ("batch", "heads", "n", "dim", "reps"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     pattern = Fixed(stride=128, summary=32, summary_positions=(0, 1, 2, 3))  # the Enwik8 config's pattern
     shape = (args.batch, args.heads, args.n, args.dim)
     q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))

@@ -339,6 +339,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              f"sparse one with a suffix {' or '.join(ORDERED)}")
     if args.warmup < 1 or args.steps < 1:
         raise SystemExit("--warmup and --steps must be at least 1")
+    if args.gaps < 0 or args.top_kernels < 0:
+        raise SystemExit(f"--gaps and --top-kernels count table rows: 0 (none) or more, got {args.gaps}, "
+                         f"{args.top_kernels}")
     if args.smoke:
         device = torch.device("cpu")
     elif torch.cuda.is_available():
