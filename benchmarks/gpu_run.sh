@@ -10,6 +10,7 @@
 #   ordered-ab        the 5-product backwards: the Enwik8 step with ordered dK/dV and with ordered dQ (segments of
 #                     1,024 rows) against the default, then the attention rows (Enwik8 shape, n = 16,384) from CUDA graphs
 #   sweep-enwik8      tile sweep of the Enwik8 shape (the candidates include both 5-product designs), CUDA graphs
+#   sweep-cifar10     tile sweep of the CIFAR-10 shape (d_qk 64, d_v 128), CUDA graphs
 #   train-long        audio 262,144 and 1,048,576, sparse with CUDA graphs (and dense 262,144 where it fits)
 #   attention-graphs  the paper shapes timed from captured CUDA graphs (kernel time, no host time), no Flex
 #   attention         benchmarks/attention.py's main table (issue 9's d=64 targets), SDPA and Flex
@@ -24,7 +25,7 @@
 set -euo pipefail
 step=${1:?usage: bash benchmarks/gpu_run.sh STEP [OUT] (steps are listed at the top of this file)}
 out=${2:-benchmarks/results/gpu_run}
-steps=" fit-test train-step ordered-ab sweep-enwik8 train-long attention-graphs attention attention-paper sweep-w32 suite-kernels suite-rest
+steps=" fit-test train-step ordered-ab sweep-enwik8 sweep-cifar10 train-long attention-graphs attention attention-paper sweep-w32 suite-kernels suite-rest
     ncu-fixed "
 if [[ $steps != *" $step "* ]]; then
     echo "unknown step '$step'; the steps are:$steps(see the top of benchmarks/gpu_run.sh)" >&2
@@ -64,6 +65,9 @@ ordered-ab)
 sweep-enwik8)
     run sweep_enwik8 560 python3 benchmarks/attention.py --sweep --paper-shapes enwik8 --paper-shapes-only --no-flex \
         --cuda-graphs ;;
+sweep-cifar10)
+    run sweep_cifar10 560 python3 benchmarks/attention.py --sweep --paper-shapes cifar10 --paper-shapes-only \
+        --no-flex --cuda-graphs ;;
 train-long)
     run train_long 560 python3 benchmarks/train_step.py --configs audio_262k,audio_1m \
         --variants sparse-cudagraphs,dense-cudagraphs --out "$out/train_long" ;;
