@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -420,7 +421,7 @@ def sweep_shape(pattern: Pattern, b: int, h: int, n: int, d_qk: int, d_v: int, l
                     best = (cand, ms)
             if best is not None:
                 results.append(dict(shape=label, d_qk=d_qk, d_v=d_v, kind=kind, layout=layout, best=repr(best[0]),
-                                    ms=best[1]))
+                                    tiles=dataclasses.asdict(best[0]), ms=best[1]))
                 _KEEP.enter_context(tile_override(**{kind: best[0]}, layout=layout, widths=(d_qk, d_v)))
     del inp, want
     torch.cuda.empty_cache()

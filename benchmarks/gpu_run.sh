@@ -9,7 +9,8 @@
 #   train-step        sparse against dense, CUDA graphs: CIFAR-10, Enwik8, ImageNet 64, audio 65,536 (one run)
 #   ordered-ab        the 5-product backwards: the Enwik8 step with ordered dK/dV and with ordered dQ (segments of
 #                     1,024 rows) against the default, then the attention rows (Enwik8 shape, n = 16,384) from CUDA graphs
-#   sweep-enwik8      tile sweep of the Enwik8 shape (the candidates include both 5-product designs), CUDA graphs
+#   sweep-enwik8      tile sweep of the Enwik8 shape (the candidates include both 5-product designs), CUDA graphs,
+#                     then the Enwik8 step with the sweep's tiles against the defaults and dense (train_step --tiles)
 #   sweep-cifar10     tile sweep of the CIFAR-10 shape (d_qk 64, d_v 128), CUDA graphs
 #   train-long        audio 262,144 and 1,048,576, sparse with CUDA graphs (and dense 262,144 where it fits)
 #   attention-graphs  the paper shapes timed from captured CUDA graphs (kernel time, no host time), no Flex
@@ -64,10 +65,14 @@ ordered-ab)
     done ;;
 sweep-enwik8)
     run sweep_enwik8 560 python3 benchmarks/attention.py --sweep --paper-shapes enwik8 --paper-shapes-only --no-flex \
-        --cuda-graphs ;;
+        --cuda-graphs --json "$out/sweep_enwik8.json"
+    run ts_enwik8 200 python3 benchmarks/train_step.py --configs enwik8 --variants sparse-cudagraphs,dense-cudagraphs \
+        --top-kernels 4 --out "$out/ts_enwik8"
+    run ts_enwik8_swept 150 python3 benchmarks/train_step.py --configs enwik8 --variants sparse-cudagraphs \
+        --top-kernels 4 --tiles "$out/sweep_enwik8.json" --out "$out/ts_enwik8_swept" ;;
 sweep-cifar10)
     run sweep_cifar10 560 python3 benchmarks/attention.py --sweep --paper-shapes cifar10 --paper-shapes-only \
-        --no-flex --cuda-graphs ;;
+        --no-flex --cuda-graphs --json "$out/sweep_cifar10.json" ;;
 train-long)
     run train_long 560 python3 benchmarks/train_step.py --configs audio_262k,audio_1m \
         --variants sparse-cudagraphs,dense-cudagraphs --out "$out/train_long" ;;

@@ -4,6 +4,7 @@
     python benchmarks/train_step.py --configs audio_262k,audio_1m
     python benchmarks/train_step.py --configs enwik8 --variants sparse-compiled,dense-compiled --steps 5
     python benchmarks/train_step.py --configs enwik8 --variants sparse-cudagraphs,sparse-cudagraphs+ordered-kv
+    python benchmarks/train_step.py --configs enwik8 --tiles sweep.json  # a tile sweep's choices in a whole step
     python benchmarks/train_step.py --smoke                  # tiny models on the CPU: checks the script runs
 
 For each config (``configs/<name>.yaml``, read with PyYAML and a small ``class_path`` resolver: no jsonargparse
@@ -25,7 +26,8 @@ includes Triton JIT and, compiled, the ``torch.compile`` time: ``compile s`` = f
 median of ``--steps`` steps after ``--warmup`` steps, tokens/s, model TFLOP/s (formula printed with the table),
 peak memory, and the fraction of the step the GPU is busy: the union of kernel intervals of one profiled step
 (torch.profiler) divided by the median step time. Rows print as they finish; JSON and Markdown are rewritten
-atomically after every row (``--out``).
+atomically after every row (``--out``). ``--tiles`` puts the fastest tiles of a sweep (``attention.py --sweep
+--json FILE``) in force for the whole run, so a sweep's choice is judged in a whole step before it becomes a default.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from profiling import busy_fraction, idle_gaps, top_kernels  # benchmarks/profil
 
 from lightning_sparse.atomic import atomic_write
 from lightning_sparse.kernels import Dense, FixedBlock, FixedSummary, Interleaved, Local, Pattern, StridedColumns
-from lightning_sparse.kernels.tiles import ordered_tiles
+from lightning_sparse.kernels.tiles import BwdTiles, FwdTiles, ordered_tiles, tile_override
 from lightning_sparse.yaml_objects import instantiate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,6 +301,25 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sweep_choices(path: Path, stack: contextlib.ExitStack) -> list[str]:
+    """Enter a ``tile_override`` for each fastest-tiles record of a sweep's JSON (``attention.py --sweep --json``);
+    returns them as DEFAULTS-style lines for the run's header."""
+    try:
+        records = [r for r in json.loads(path.read_text())["sweep"] if "tiles" in r]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"--tiles {path}: not a sweep's JSON ({type(err).__name__}: {err}); write one with "
+                         "`python benchmarks/attention.py --sweep --json FILE`") from None
+    if not records:
+        raise SystemExit(f"--tiles {path}: no fastest-tiles records in its 'sweep' list (was it written by --sweep?)")
+    lines = []
+    for r in records:
+        tiles = (FwdTiles if r["kind"] == "fwd" else BwdTiles)(**r["tiles"])
+        widths = (r["d_qk"], r["d_v"])
+        stack.enter_context(tile_override(**{r["kind"]: tiles}, layout=r["layout"], widths=widths))
+        lines.append(f"({r['kind']!r}, {r['layout']!r}, {widths[0]}, {widths[1]}): {tiles!r}")
+    return lines
+
+
 def save(out: Path, header: dict, rows: list[dict]) -> None:
     """JSON and Markdown of everything so far, each written atomically."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -307,6 +328,9 @@ def save(out: Path, header: dict, rows: list[dict]) -> None:
     text = f"{header['title']}\n\n{FLOP_FORMULA}.\n\n{table(rows)}\n"
     with atomic_write(out.with_suffix(".md")) as f:
         f.write(text.encode())
+
+
+_TILES = contextlib.ExitStack()  # --tiles: the sweep's choices, in force until the process ends
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -327,6 +351,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, batch 1: checks the script")
     parser.add_argument("--segment", type=int, default=2048,
                         help=f"the {ORDERED[0]} variants' query rows per summary key program (BwdTiles.segment)")
+    parser.add_argument("--tiles", type=Path, default=None,
+                        help="a sweep's JSON (attention.py --sweep --json): its fastest tiles in force for the run")
     args = parser.parse_args(argv)
     names = [c for c in args.configs.split(",") if c]
     if args.out is None:
@@ -357,14 +383,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step logs; no Trainer is attached
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke: tiny models)"
     triton = importlib.util.find_spec("triton")
+    chosen_tiles = sweep_choices(args.tiles, _TILES) if args.tiles else []
     header = {
         "title": f"Training step per paper config on {where}; torch {torch.__version__}, triton "
                  f"{importlib.import_module('triton').__version__ if triton else 'absent'}; bf16 autocast, fused "
-                 f"AdamW, the configs' batch and recompute; median of {args.steps} steps after {args.warmup}.",
+                 f"AdamW, the configs' batch and recompute; median of {args.steps} steps after {args.warmup}"
+                 f"{f'; tiles from {args.tiles.name}' if chosen_tiles else ''}.",
         "flop_formula": FLOP_FORMULA,
         "argv": sys.argv[1:] if argv is None else argv,
+        "tiles": chosen_tiles,
     }
     print(header["title"], "\n" + FLOP_FORMULA + ".\n", flush=True)
+    if chosen_tiles:
+        print("tiles in force:\n  " + "\n  ".join(chosen_tiles) + "\n", flush=True)
     print("\n".join(table([]).splitlines()[:2]), flush=True)
     rows: list[dict] = []
     for name, config in configs.items():
