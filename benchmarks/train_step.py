@@ -233,9 +233,12 @@ def measure(name: str, config: dict, variant: str, args: argparse.Namespace, dev
             busy_s, kernels = busy_fraction(prof)
             if args.top_kernels:
                 print(f"\n{name} {variant}: GPU kernels of one step\n{top_kernels(prof, args.top_kernels)}\n", flush=True)
-            if args.gaps:
-                print(f"\n{name} {variant}: where the GPU idled in one step\n{idle_gaps(prof, args.gaps)}\n", flush=True)
             busy = None if busy_s is None else min(1.0, busy_s / step_s)
+            if args.gaps:  # another step, with host events too (slower to record, so not the busy fraction's)
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    timed()
+                print(f"\n{name} {variant}: where the GPU idled in one step (profiled with host events)\n"
+                      f"{idle_gaps(prof, args.gaps)}\n", flush=True)
         except Exception:  # keep the timing row; the busy column stays empty
             traceback.print_exc()
     row = {
@@ -344,7 +347,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              f"{DENSE_TFLOPS_ESTIMATE / 1e12:.0f} TFLOP/s)")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled step (no GPU-busy column)")
     parser.add_argument("--top-kernels", type=int, default=0, help="print the N kernels with most GPU time per step")
-    parser.add_argument("--gaps", type=int, default=0, help="print the N longest GPU idle gaps of the profiled step")
+    parser.add_argument("--gaps", type=int, default=0,
+                        help="print the N longest GPU idle gaps of a step and the host op during each")
     parser.add_argument("--out", type=Path, default=None,
                         help="writes OUT.json and OUT.md after every row (default: "
                              "benchmarks/results/train_step_<configs>)")
