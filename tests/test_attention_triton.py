@@ -284,6 +284,18 @@ def test_more_heads_than_a_schedule_group(pattern):
             check_against_reference(q, k, v, do, pattern)
 
 
+# the default 16-bit tiles (kernels/tiles.py DEFAULTS) at shapes where none is capped: the fixed pattern's natural
+# launch has 5 blocks of 128 (a full gathered summary tile of 128 keys and a partial one); Strided(16) at n = 1,024
+# has a local band and 16 strided-order sequences of 64 rows
+@in_child
+@pytest.mark.parametrize("d_qk,d_v", [(64, 64), (32, 32), (64, 128)])
+@pytest.mark.parametrize("pattern,n", [(Fixed(128, 32, (0, 1)), 640), (Strided(16), 1024)], ids=["fixed", "strided"])
+def test_default_tiles_at_full_size(pattern, n, d_qk, d_v):
+    q, k, v, do = _inputs(1, 2, n, d_qk, torch.bfloat16, seed=zlib.crc32(f"defaults-{n}-{d_qk}-{d_v}".encode()),
+                          d_v=d_v)
+    check_against_reference(q, k, v, do, pattern)
+
+
 @in_child
 def test_backward_is_deterministic():
     q, k, v, do = _inputs(1, 2, 64, 32, torch.float16, seed=7)
