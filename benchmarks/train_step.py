@@ -309,18 +309,16 @@ def sweep_choices(path: Path, stack: contextlib.ExitStack) -> list[str]:
     returns them as DEFAULTS-style lines for the run's header."""
     try:
         records = [r for r in json.loads(path.read_text())["sweep"] if "tiles" in r]
+        choices = [(r["kind"], r["layout"], (r["d_qk"], r["d_v"]), (FwdTiles if r["kind"] == "fwd" else BwdTiles)(
+            **r["tiles"])) for r in records]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise SystemExit(f"--tiles {path}: not a sweep's JSON ({type(err).__name__}: {err}); write one with "
                          "`python benchmarks/attention.py --sweep --json FILE`") from None
-    if not records:
+    if not choices:
         raise SystemExit(f"--tiles {path}: no fastest-tiles records in its 'sweep' list (was it written by --sweep?)")
-    lines = []
-    for r in records:
-        tiles = (FwdTiles if r["kind"] == "fwd" else BwdTiles)(**r["tiles"])
-        widths = (r["d_qk"], r["d_v"])
-        stack.enter_context(tile_override(**{r["kind"]: tiles}, layout=r["layout"], widths=widths))
-        lines.append(f"({r['kind']!r}, {r['layout']!r}, {widths[0]}, {widths[1]}): {tiles!r}")
-    return lines
+    for kind, layout, widths, tiles in choices:
+        stack.enter_context(tile_override(**{kind: tiles}, layout=layout, widths=widths))
+    return [f"({kind!r}, {layout!r}, {widths[0]}, {widths[1]}): {tiles!r}" for kind, layout, widths, tiles in choices]
 
 
 def save(out: Path, header: dict, rows: list[dict]) -> None:

@@ -38,7 +38,9 @@ def test_sweep_choices_are_in_force_and_only_for_their_widths(tmp_path):
     assert select_tiles("bwd", "natural", 64, 64, torch.bfloat16) == before
 
 
-@pytest.mark.parametrize("text", ["not json", '{"rows": []}', '{"sweep": [{"kind": "fwd"}]}'])
+@pytest.mark.parametrize("text", ["not json", '{"rows": []}', '{"sweep": [{"kind": "fwd"}]}',
+                                  '{"sweep": [{"kind": "bwd", "layout": "natural", "d_qk": 64, "d_v": 64, '
+                                  '"tiles": {"bm": 64}}]}'])
 def test_sweep_choices_reject_files_that_are_not_a_sweep(tmp_path, text):
     path = tmp_path / "bad.json"
     path.write_text(text)
