@@ -20,6 +20,7 @@
 #   suite-kernels     the kernels' GPU tests (tests/test_gpu_attention.py)
 #   suite-rest        the other GPU tests (training, sampling)
 #   ncu-fixed         Nsight Compute of the fixed pattern's backward (default, ordered dK/dV) and forward, Enwik8 shape
+#   ncu-strided       Nsight Compute of Strided(128)'s two backward and two forward launches, n = 16,384, batch 16
 #
 # On a machine without network, wheels of what it lacks (e.g. jsonargparse, docstring-parser, typeshed-client for
 # the CLI) placed in .whl/ are installed into /tmp/site first.
@@ -27,7 +28,7 @@ set -euo pipefail
 step=${1:?usage: bash benchmarks/gpu_run.sh STEP [OUT] (steps are listed at the top of this file)}
 out=${2:-benchmarks/results/gpu_run}
 steps=" fit-test train-step ordered-ab sweep-enwik8 sweep-cifar10 train-long attention-graphs attention attention-paper sweep-w32 suite-kernels suite-rest
-    ncu-fixed "
+    ncu-fixed ncu-strided "
 if [[ $steps != *" $step "* ]]; then
     echo "unknown step '$step'; the steps are:$steps(see the top of benchmarks/gpu_run.sh)" >&2
     exit 2
@@ -47,6 +48,16 @@ run() {  # run NAME SECONDS CMD...: the command's output to OUT/NAME.log, stoppe
     shift 2
     echo "== $name: $*"
     timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" || echo "== $name ended with status ${PIPESTATUS[0]}"
+}
+
+ncu_kernel() {  # ncu_kernel NAME KERNEL SKIP COUNT ARGS...: Nsight Compute of COUNT launches of KERNEL after SKIP
+    local name=$1 kernel=$2 skip=$3 count=$4 ncu
+    shift 4
+    ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+    run "$name" 280 "$ncu" --kernel-name "$kernel" --launch-skip "$skip" --launch-count "$count" \
+        --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+        --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+        python3 benchmarks/ncu_attention.py "$@"
 }
 
 case $step in
@@ -92,13 +103,10 @@ suite-rest)
     run suite_rest 570 python3 -m pytest -m gpu -q --ignore=tests/test_gpu_attention.py \
         --ignore=tests/test_gpu_fit_cudagraphs.py --ignore=tests/test_gpu_multi.py ;;
 ncu-fixed)
-    ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
-    sections="--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis
-        --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats"
-    for design in "" kv; do
-        run "ncu_bwd${design:+_$design}" 150 "$ncu" --kernel-name _bwd_kernel --launch-skip 1 --launch-count 1 \
-            $sections python3 benchmarks/ncu_fixed.py ${design:+--design $design}
-    done
-    run ncu_fwd 150 "$ncu" --kernel-name _fwd_kernel --launch-skip 1 --launch-count 1 $sections \
-        python3 benchmarks/ncu_fixed.py ;;
+    ncu_kernel ncu_bwd _bwd_kernel 1 1
+    ncu_kernel ncu_bwd_kv _bwd_kernel 1 1 --design kv
+    ncu_kernel ncu_fwd _fwd_kernel 1 1 ;;
+ncu-strided)  # the second repetition's two launches a direction (local band, then strided order)
+    ncu_kernel ncu_strided_bwd _bwd_kernel 2 2 --pattern strided
+    ncu_kernel ncu_strided_fwd _fwd_kernel 2 2 --pattern strided ;;
 esac
