@@ -414,6 +414,7 @@ def test_tile_override_reaches_autograd_threads():
     worker.join()
     assert seen == [tiles, DEFAULTS[("bwd", "natural", 64, 64)]]
 
+
 @in_parent
 def test_ordered_dq_only_for_summary_launches():
     from lightning_sparse.kernels.launch_plan import launch_plan
