@@ -337,18 +337,25 @@ SWEEP = {
                              B_(64, 64, 64, 64, 4, 3, 0),
                              # 3 programs of 4 warps per SM (ncu, session 8: 2 of 8 warps, bound by registers and
                              # shared memory, leave every other issue slot without a ready warp)
-                             B_(32, 64, 64, 64, 4, 2, 168), B_(32, 64, 128, 64, 4, 2, 168),
-                             B_(32, 64, 128, 32, 4, 2, 168, ordered_kv=True),
+                             B_(32, 64, 64, 64, 4, 2, 168),
                              B_(32, 64, 64, 32, 4, 2, 168), B_(32, 64, 64, 64, 4, 3, 168),
                              B_(16, 64, 64, 64, 4, 2, 168), B_(64, 64, 64, 64, 4, 2, 168),
                              B_(32, 64, 64, 64, 4, 2, 0), B_(32, 128, 64, 64, 8, 2, 128),
                              # the default without the register cap (24,576 spill requests at 128, ncu) / 2 stages
                              B_(32, 128, 128, 64, 8, 3, 0), B_(32, 128, 128, 64, 8, 2, 128),
+                             # spill-free at triton 3.6 (kernel_resources.py): 2 stages, less shared memory
+                             B_(16, 128, 128, 64, 8, 2, 128), B_(32, 64, 128, 64, 8, 2, 128),
+                             B_(16, 64, 128, 32, 8, 2, 128),
                              B_(32, 128, 128, 64, 8, 3, 128, ordered_dq=True),
                              B_(32, 128, 128, 64, 8, 3, 128, ordered_dq=True, segment=2048),
                              B_(32, 128, 128, 64, 8, 3, 128, ordered_dq=True, segment=1024),
                              B_(64, 128, 128, 64, 8, 3, 0, ordered_dq=True, segment=2048),
                              B_(64, 64, 64, 64, 4, 3, 0, ordered_dq=True),
+                             # 5-product tilings with the fewest spills at >= 2 programs per SM (kernel_resources.py;
+                             # the timed ordered designs ran the default tiles, with 512-896 bytes of spill stores)
+                             B_(16, 64, 128, 32, 8, 2, 128, ordered_dq=True),
+                             B_(16, 64, 64, 64, 4, 2, 168, ordered_dq=True),
+                             B_(32, 128, 128, 32, 8, 2, 128, ordered_kv=True),
                              # ordered dK/dV: at the 128 cap 64-key steps spill 576 B, 32-key steps 168 B (triton 3.6)
                              B_(32, 128, 128, 64, 8, 3, 128, ordered_kv=True),
                              B_(32, 128, 128, 32, 8, 3, 128, ordered_kv=True),
@@ -359,19 +366,27 @@ SWEEP = {
     ("fwd", "natural", 128): [F_(128, 64, 8, 3), F_(128, 64, 8, 3, 128)],
     ("bwd", "local", 128): [B_(32, 64, 64, 32, 4, 2, fused=True), B_(32, 64, 64, 32, 4, 2, fused=True, one_loop=True),
                             B_(32, 64, 64, 32, 4, 3, fused=True), B_(32, 32, 32, 32, 4, 2, fused=True),
-                            B_(64, 64, 64, 64, 8, 2, fused=True), B_(32, 64, 64, 32, 4, 2, 168, True, True)],
+                            B_(64, 64, 64, 64, 8, 2, fused=True), B_(32, 64, 64, 32, 4, 2, 168, True, True),
+                            # spill-free with more warps per SM than the default's 2 x 4 (228 registers; CIFAR-10
+                            # widths, kernel_resources.py, triton 3.6)
+                            B_(32, 32, 32, 32, 8, 2, 128), B_(32, 32, 32, 32, 4, 1, 168), B_(16, 64, 64, 32, 4, 1)],
     ("bwd", "strided", 128): [B_(32, 64, 64, 32, 4, 2, fused=True),
                               B_(32, 64, 64, 32, 4, 2, fused=True, one_loop=True),
                               B_(32, 32, 32, 32, 4, 2, fused=True), B_(32, 32, 32, 32, 4, 2, fused=True, one_loop=True),
-                              B_(32, 32, 32, 32, 4, 2), B_(32, 64, 64, 32, 4, 2, 168, True, True)],
+                              B_(32, 32, 32, 32, 4, 2), B_(32, 64, 64, 32, 4, 2, 168, True, True),
+                              B_(32, 64, 64, 32, 8, 2, 128), B_(32, 64, 64, 32, 4, 1, 168)],
     ("bwd", "natural", 128): [B_(64, 64, 64, 64, 8, 2), B_(32, 128, 128, 64, 8, 3, 128),
                               B_(32, 64, 64, 32, 4, 2, ordered_dq=True)],
     # head width 32 (ImageNet 64, audio): narrower operands leave room for longer tiles
-    ("fwd", "local", 32): [F_(128, 32, 8, 3, 128), F_(64, 64, 4, 3), F_(64, 32, 4, 4)],
+    ("fwd", "local", 32): [F_(128, 32, 8, 3, 128), F_(64, 64, 4, 3), F_(64, 32, 4, 4), F_(64, 32, 4, 2, one_loop=True)],
     ("fwd", "strided", 32): [F_(64, 64, 4, 3, one_loop=True), F_(128, 32, 8, 3, 128, True)],
     ("fwd", "natural", 32): [F_(128, 128, 8, 3, 128), F_(128, 64, 4, 3)],
-    ("bwd", "local", 32): [B_(32, 128, 128, 32, 8, 2, 128, True), B_(64, 64, 64, 64, 4, 2, 168, True)],
-    ("bwd", "strided", 32): [B_(32, 128, 128, 32, 8, 2, 128, True), B_(64, 64, 64, 64, 4, 2, 168, True, True)],
+    # the defaults fill their 168-register cap (3 programs of 4 warps per SM); these fit 4 without spills
+    # (kernel_resources.py, triton 3.6)
+    ("bwd", "local", 32): [B_(32, 128, 128, 32, 8, 2, 128, True), B_(64, 64, 64, 64, 4, 2, 168, True),
+                           B_(32, 64, 64, 32, 4, 1, 0, True), B_(16, 64, 64, 32, 4, 2, 128, True)],
+    ("bwd", "strided", 32): [B_(32, 128, 128, 32, 8, 2, 128, True), B_(64, 64, 64, 64, 4, 2, 168, True, True),
+                             B_(32, 64, 64, 32, 4, 2, 128, True), B_(32, 64, 64, 32, 4, 1, 0, True)],
     ("bwd", "natural", 32): [B_(32, 128, 128, 64, 8, 3, 128), B_(64, 128, 128, 64, 8, 3, 128),
                              B_(32, 128, 128, 128, 8, 3, 128, ordered_dq=True),
                              B_(32, 128, 128, 128, 8, 3, 128, ordered_dq=True, segment=2048),
