@@ -65,8 +65,8 @@ class KernelResources:
 
 
 _PTXAS_USED = re.compile(r"Used (\d+) registers")
-_WAIT_IN_FLIGHT = re.compile(r"wgmma\.wait_group\.sync\.aligned\s+[1-9]")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_WAIT_IN_FLIGHT = re.compile(r"wgmma\.wait_group\.sync\.aligned\s+[1-9]")  # a PTX wait with products left running
 
 
 def parse_ptxas_log(log: str) -> tuple[int, int, int]:
