@@ -160,12 +160,14 @@ def report(shapes, kinds: list[str], layouts: list[str] | None, candidates: bool
     """One row per (shape, kind, layout, tiles): the defaults first, then (``candidates``) the sweep's."""
     from attention import SWEEP, _width_class
 
+    from lightning_sparse.kernels import triton_backend as tb
+    from lightning_sparse.kernels.launch_plan import launch_plan
     from lightning_sparse.kernels.tiles import select_tiles, tile_override
 
     rows = []
     for shape in shapes:
+        plan_layouts = sorted({tb._layout(launch) for launch in launch_plan(shape.pattern, shape.h)})
         for kind in kinds:
-            plan_layouts = sorted({layout for layout, _ in launch_resources(shape, kind)})
             for layout in plan_layouts:
                 if layouts and layout not in layouts:
                     continue
